@@ -1,0 +1,283 @@
+"""Render a `ConversionReport`: rich tables on a terminal, plain stable text otherwise, JSON, Markdown.
+
+Nothing here measures anything; see `ghostify.analysis`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+
+from rich import box
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from ghostify.analysis import ConversionReport, LatencyStats, SiteRow
+
+SKIPPED_SHOWN = 5
+_UNITS = ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "K"))
+
+
+def format_count(n: int | float) -> str:
+    """A count in human units with two decimals: 25557032 -> "25.56M", 4.11e9 -> "4.11G", 1234 -> "1.23K"."""
+    if isinstance(n, float) and not math.isfinite(n):
+        return str(n)
+    sign = "-" if n < 0 else ""
+    value = abs(n)
+    for i, (scale, unit) in enumerate(_UNITS):
+        if value >= scale:
+            # 999_999 rounds to "1000.00K": show it as "1.00M" instead.
+            if i > 0 and round(value / scale, 2) >= 1000:
+                scale, unit = _UNITS[i - 1]
+            return f"{sign}{value / scale:.2f}{unit}"
+    if float(value).is_integer():
+        return f"{sign}{int(value)}"
+    return f"{sign}{value:.2f}"
+
+
+def _fewer(ratio: float | None) -> str:
+    """before/after ratio of a cost as words: "1.87x fewer", "1.15x more", "same"."""
+    if ratio is None:
+        return "-"
+    if round(ratio, 2) == 1.0:
+        return "same"
+    return f"{ratio:.2f}x fewer" if ratio > 1 else f"{1 / ratio:.2f}x more"
+
+
+def _faster(speedup: float | None) -> str:
+    if speedup is None:
+        return "-"
+    if round(speedup, 2) == 1.0:
+        return "same"
+    return f"{speedup:.2f}x faster" if speedup > 1 else f"{1 / speedup:.2f}x slower"
+
+
+def _site_ratio(row: SiteRow) -> str:
+    ratio = row.macs_ratio
+    return "-" if ratio is None else f"{ratio:.2f}x"
+
+
+def _latency_cell(lat: LatencyStats | None, dash: str) -> str:
+    if lat is None:
+        return "not measured"
+    return f"{lat.median_ms:.2f} ms ({lat.p10_ms:.2f}{dash}{lat.p90_ms:.2f})"
+
+
+def _conditions(report: ConversionReport) -> str | None:
+    lat = report.before.latency or report.after.latency
+    if lat is None:
+        return None
+    return (
+        f"latency: median (p10-p90) of {lat.runs} runs after {lat.warmup} warm-up, batch {lat.batch_size}, "
+        f"{lat.threads} threads, device {lat.device}, before/after interleaved"
+    )
+
+
+def _title(report: ConversionReport) -> str:
+    cfg = report.config
+    keys = ["mode", "ratio"] + (["dw_size"] if cfg.get("mode") in ("c-ghost", "both") else [])
+    settings = ", ".join(f"{k} {cfg[k]}" for k in keys if k in cfg)
+    shape = "x".join(str(d) for d in report.before.input_shape)
+    return f"ghostify: {report.model}" + (f" ({settings})" if settings else "") + f", input {shape}"
+
+
+def _summary_rows(report: ConversionReport, dash: str) -> list[tuple[str, str, str, str]]:
+    b, a = report.before, report.after
+    return [
+        ("params", format_count(b.params), format_count(a.params), _fewer(report.params_ratio)),
+        ("MACs", format_count(b.macs), format_count(a.macs), _fewer(report.macs_ratio)),
+        (
+            "latency",
+            _latency_cell(b.latency, dash),
+            _latency_cell(a.latency, dash),
+            _faster(report.latency_speedup),
+        ),
+    ]
+
+
+def _site_cells(row: SiteRow, arrow: str) -> tuple[str, ...]:
+    return (
+        row.name,
+        row.kind,
+        row.detail,
+        f"{format_count(row.macs_before)} {arrow} {format_count(row.macs_after)}",
+        f"{format_count(row.params_before)} {arrow} {format_count(row.params_after)}",
+        _site_ratio(row),
+    )
+
+
+def _total_cells(report: ConversionReport, arrow: str) -> tuple[str, ...]:
+    macs_b = sum(r.macs_before for r in report.sites)
+    macs_a = sum(r.macs_after for r in report.sites)
+    params_b = sum(r.params_before for r in report.sites)
+    params_a = sum(r.params_after for r in report.sites)
+    ratio = "-" if not macs_a else f"{macs_b / macs_a:.2f}x"
+    return (
+        f"total ({len(report.sites)} sites)",
+        "",
+        "",
+        f"{format_count(macs_b)} {arrow} {format_count(macs_a)}",
+        f"{format_count(params_b)} {arrow} {format_count(params_a)}",
+        ratio,
+    )
+
+
+_SITE_HEADERS = ("name", "kind", "detail", "MACs before -> after", "params before -> after", "MACs ratio")
+
+
+def _shown_sites(report: ConversionReport, max_rows: int | None) -> tuple[list[SiteRow], int]:
+    if max_rows is None or len(report.sites) <= max_rows:
+        return report.sites, 0
+    return report.sites[: max(max_rows, 0)], len(report.sites) - max(max_rows, 0)
+
+
+def _skipped_lines(report: ConversionReport) -> list[str]:
+    if not report.skipped:
+        return []
+    lines = [f"skipped: {len(report.skipped)} sites left as they were"]
+    lines += [f"  {name}: {why}" for name, why in report.skipped[:SKIPPED_SHOWN]]
+    if len(report.skipped) > SKIPPED_SHOWN:
+        lines.append(f"  ... {len(report.skipped) - SKIPPED_SHOWN} more (use --json for all)")
+    return lines
+
+
+def _plain_table(headers: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:
+    """Columns padded with spaces and separated by two spaces; a line of dashes under the header."""
+    widths = [max(len(str(cells[i])) for cells in (headers, *rows)) for i in range(len(headers))]
+
+    def line(cells: tuple[str, ...]) -> str:
+        return "  ".join(str(c).ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip()
+
+    return [line(headers), line(tuple("-" * w for w in widths)), *(line(r) for r in rows)]
+
+
+def render_plain(report: ConversionReport, max_rows: int | None = 40) -> str:
+    """The report as plain ASCII text (no colour, no box drawing), stable for scripts and tests."""
+    lines = [_title(report), ""]
+    lines += _plain_table(("", "before", "after", "change"), _summary_rows(report, "-"))
+    conditions = _conditions(report)
+    if conditions:
+        lines.append(conditions)
+    lines.append("")
+    if report.sites:
+        shown, hidden = _shown_sites(report, max_rows)
+        rows = [_site_cells(r, "->") for r in shown]
+        table = _plain_table(_SITE_HEADERS, [*rows, _total_cells(report, "->")])
+        # Put a dashed rule above the totals line, as under the header.
+        lines += [*table[:-1], table[1], table[-1]]
+        if hidden:
+            lines.insert(len(lines) - 2, f"... {hidden} more rows (use --json for all)")
+    else:
+        lines.append("no sites converted")
+    lines += _skipped_lines(report)
+    lines += [f"note: {note}" for note in report.notes]
+    return "\n".join(lines) + "\n"
+
+
+def _rich_render(report: ConversionReport, console: Console, max_rows: int | None) -> None:
+    summary = Table(title=escape(_title(report)), box=box.SIMPLE_HEAVY)
+    summary.add_column("")
+    summary.add_column("before", justify="right")
+    summary.add_column("after", justify="right")
+    summary.add_column("change", justify="right", style="bold")
+    for label, before, after, change in _summary_rows(report, "–"):
+        style = "green" if ("fewer" in change or "faster" in change) else "red" if change != "-" else ""
+        summary.add_row(label, before, after, f"[{style}]{change}[/]" if style else change)
+    console.print(summary)
+    conditions = _conditions(report)
+    if conditions:
+        console.print(f"[dim]{escape(conditions)}[/]", highlight=False)
+
+    if report.sites:
+        shown, hidden = _shown_sites(report, max_rows)
+        caption = f"... {hidden} more rows (use --json for all)" if hidden else None
+        sites = Table(title="converted sites", box=box.SIMPLE, show_footer=True, caption=caption)
+        totals = _total_cells(report, "→")
+        for header, footer in zip(_SITE_HEADERS, totals, strict=True):
+            numeric = "->" in header or "ratio" in header
+            sites.add_column(
+                header.replace("->", "→"),
+                footer=footer,
+                justify="right" if numeric else "left",
+                no_wrap=header != "detail",
+            )
+        for row in shown:
+            sites.add_row(*(escape(c) for c in _site_cells(row, "→")))
+        console.print(sites)
+    else:
+        console.print("no sites converted")
+    for line in _skipped_lines(report):
+        console.print(line, markup=False, highlight=False)
+    for note in report.notes:
+        console.print(f"[yellow]note:[/] {escape(note)}", highlight=False)
+
+
+def render(report: ConversionReport, console: Console | None = None, max_rows: int | None = 40) -> None:
+    """Print the report: rich tables on a terminal, plain text (see `render_plain`) otherwise.
+
+    Args:
+        report: what `ghostify.analysis.build_report` returned.
+        console: where to print (default: a new stdout console).
+        max_rows: most per-site rows to show (None: all); the totals always cover every site.
+    """
+    console = console or Console()
+    if console.is_terminal:
+        _rich_render(report, console, max_rows)
+    else:
+        console.out(render_plain(report, max_rows), highlight=False, end="")
+
+
+def write_json(report: ConversionReport, path: str | Path) -> None:
+    """Write `report.to_dict()` as JSON, atomically (a temp file in the same folder, then os.replace)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(report.to_dict(), f, indent=2, default=str)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _md_cell(text: str) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def _md_table(headers: tuple[str, ...], rows: list[tuple[str, ...]], right: set[int]) -> list[str]:
+    align = ["---:" if i in right else "---" for i in range(len(headers))]
+    out = ["| " + " | ".join(_md_cell(h) for h in headers) + " |", "| " + " | ".join(align) + " |"]
+    out += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in rows]
+    return out
+
+
+def to_markdown(report: ConversionReport) -> str:
+    """The report as Markdown: a summary table, the latency conditions, every site, skipped sites, notes."""
+    lines = [f"## {_title(report)}", ""]
+    lines += _md_table(("", "before", "after", "change"), _summary_rows(report, "–"), {1, 2, 3})
+    conditions = _conditions(report)
+    if conditions:
+        lines += ["", f"_{conditions}_"]
+    lines.append("")
+    if report.sites:
+        rows = [_site_cells(r, "→") for r in report.sites]
+        total = tuple(f"**{c}**" if c else "" for c in _total_cells(report, "→"))
+        headers = tuple(h.replace("->", "→") for h in _SITE_HEADERS)
+        lines += ["### Converted sites", "", *_md_table(headers, [*rows, total], {3, 4, 5}), ""]
+    else:
+        lines += ["No sites converted.", ""]
+    if report.skipped:
+        lines += [f"### Skipped ({len(report.skipped)})", ""]
+        lines += [f"- `{name}`: {why}" for name, why in report.skipped]
+        lines.append("")
+    if report.notes:
+        lines += ["### Notes", "", *(f"- {note}" for note in report.notes), ""]
+    return "\n".join(lines)
