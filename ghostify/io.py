@@ -26,6 +26,7 @@ from torch import nn
 
 from ghostify.config import ConvertConfig
 from ghostify.errors import FormatError, GhostifyError
+from ghostify.rewrite.result import ConversionResult
 
 FORMAT_VERSION = 1
 RECIPE_FILE = "recipe.json"
@@ -44,12 +45,14 @@ class Recipe:
     versions: dict[str, str] = field(default_factory=dict)
     created: str = ""
     history: list[dict[str, Any]] = field(default_factory=list)
+    source_weights: str = "unknown"
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "format_version": self.format_version,
             "model_spec": self.model_spec,
             "num_classes": self.num_classes,
+            "source_weights": self.source_weights,
             "input_size": list(self.input_size),
             "convert": self.convert,
             "versions": self.versions,
@@ -68,6 +71,7 @@ class Recipe:
             versions=data.get("versions", {}),
             created=data.get("created", ""),
             history=data.get("history", []),
+            source_weights=data.get("source_weights", "unknown"),
         )
 
 
@@ -89,8 +93,10 @@ def make_recipe(
     config: ConvertConfig,
     num_classes: int | None = None,
     input_size: tuple[int, int, int] = (3, 224, 224),
+    source_weights: str = "unknown",
 ) -> Recipe:
     return Recipe(
+        source_weights=source_weights,
         model_spec=model_spec,
         convert=config.to_dict(),
         num_classes=num_classes,
@@ -132,6 +138,9 @@ def save(
     parent = path.resolve().parent
     parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes 0700; the output is an ordinary folder
     try:
         save_model(model, str(staging / WEIGHTS_FILE), metadata={"format": "pt"})
         (staging / RECIPE_FILE).write_text(json.dumps(recipe.to_dict(), indent=2) + "\n")
@@ -187,26 +196,38 @@ def read_recipe(path: str | Path) -> Recipe:
     return Recipe.from_dict(data)
 
 
-def load(path: str | Path, map_location: str | torch.device = "cpu") -> nn.Module:
-    """Rebuild a converted model from a ghostify output folder (replay + weights), in eval mode."""
+def replay(
+    path: str | Path, map_location: str | torch.device = "cpu"
+) -> tuple[nn.Module, ConversionResult, Recipe]:
+    """Rebuild (source model with random weights, conversion result with the saved weights, recipe)."""
     from safetensors.torch import load_file
 
     from ghostify.models import load_model
     from ghostify.rewrite import convert_model
 
     recipe = read_recipe(path)
-    loaded = load_model(
+    source = load_model(
         recipe.model_spec, weights="none", num_classes=recipe.num_classes, input_size=recipe.input_size
-    )
-    config = ConvertConfig.from_dict({**recipe.convert, "weight_init": "random"})
+    ).model
+    config = ConvertConfig.from_dict(recipe.convert)
+    replay_config = ConvertConfig.from_dict({**recipe.convert, "weight_init": "random"})
     example = torch.zeros(1, *recipe.input_size)
-    converted = convert_model(loaded.model, config, example_inputs=example).model
+    result = convert_model(source, replay_config, example_inputs=example)
+    result.config = config
     state = load_file(str(Path(path) / WEIGHTS_FILE), device=str(map_location))
     try:
-        converted.load_state_dict(state, strict=True)
+        result.model.load_state_dict(state, strict=True)
     except RuntimeError as err:
-        first = str(err).splitlines()[1].strip() if len(str(err).splitlines()) > 1 else str(err)
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        detail = lines[1] if len(lines) > 1 else lines[0]
         raise FormatError(
-            f"weights in {path} do not fit the replayed model ({first}); was it saved by another version?"
+            f"weights in {path} do not fit the replayed model ({detail[:200]}); "
+            "was it saved by another version?"
         ) from None
-    return converted.to(map_location).eval()
+    result.model.to(map_location).eval()
+    return source, result, recipe
+
+
+def load(path: str | Path, map_location: str | torch.device = "cpu") -> nn.Module:
+    """Rebuild a converted model from a ghostify output folder (replay + weights), in eval mode."""
+    return replay(path, map_location)[1].model

@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from ghostify.analysis import ConversionReport, LatencyStats, SiteRow
+from ghostify.analysis import ConversionReport, LatencyStats, ModelStats, SiteRow
 
 SKIPPED_SHOWN = 5
 _UNITS = ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "K"))
@@ -231,21 +231,44 @@ def render(report: ConversionReport, console: Console | None = None, max_rows: i
         console.out(render_plain(report, max_rows), highlight=False, end="")
 
 
-def write_json(report: ConversionReport, path: str | Path) -> None:
-    """Write `report.to_dict()` as JSON, atomically (a temp file in the same folder, then os.replace)."""
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write `text` to `path` via a temp file in the same folder and os.replace (never half-written)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(report.to_dict(), f, indent=2, default=str)
-            f.write("\n")
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_json(report: ConversionReport, path: str | Path) -> None:
+    """Write `report.to_dict()` as JSON, atomically."""
+    atomic_write_text(path, json.dumps(report.to_dict(), indent=2, default=str) + "\n")
+
+
+def render_stats(stats: ModelStats, name: str, console: Console | None = None) -> None:
+    """Print one model's params, MACs and latency (for `ghostify report MODEL`)."""
+    console = console or Console()
+    shape = "x".join(str(d) for d in stats.input_shape)
+    lat = stats.latency
+    lines = [
+        f"{name}, input {shape}",
+        f"params   {format_count(stats.params)}",
+        f"MACs     {format_count(stats.macs)}",
+        f"latency  {_latency_cell(lat, '-')}",
+    ]
+    if lat is not None:
+        lines.append(
+            f"latency: median (p10-p90) of {lat.runs} runs after {lat.warmup} warm-up, "
+            f"batch {lat.batch_size}, {lat.threads} threads, device {lat.device}"
+        )
+    console.out("\n".join(lines), highlight=False)
 
 
 def _md_cell(text: str) -> str:
