@@ -44,7 +44,8 @@ def convert(
         ratio: the paper's s (integer >= 2).
         dw_size: kernel of the C-Ghost cheap depthwise op.
         include / exclude: regexes on module names.
-        example_inputs: a batch the model accepts; needed for G-Ghost (defaults to 1x3x224x224).
+        example_inputs: a batch the model accepts; needed for G-Ghost to find stages and fit its cheap
+            path (defaults to one random 3x224x224 image).
         config: a full ConvertConfig instead of the keyword options.
     """
     if config is None:
@@ -52,7 +53,7 @@ def convert(
             mode=mode, ratio=ratio, dw_size=dw_size, include=include, exclude=exclude, **options
         )
     if example_inputs is None and config.mode != "c-ghost":
-        example_inputs = torch.zeros(1, 3, 224, 224)
+        example_inputs = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(0))
     return convert_model(model, config, example_inputs=example_inputs).model
 
 

@@ -146,7 +146,8 @@ def convert_cmd(
     for note in loaded.notes:
         err_console.print(f"[yellow]note:[/] {note}", highlight=False)
     out = out if out is not None else _default_out(loaded.name, config.mode, config.ratio)
-    example = torch.zeros(batch_size, *loaded.input_size)
+    # random, not zeros: G-Ghost fits its cheap path on the example's features
+    example = torch.randn(batch_size, *loaded.input_size, generator=torch.Generator().manual_seed(0))
 
     with err_console.status(f"Converting {loaded.name} ({config.mode}, ratio {config.ratio})..."):
         result = convert_model(loaded.model, config, example_inputs=example[:1])

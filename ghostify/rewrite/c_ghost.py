@@ -23,6 +23,7 @@ from torch import nn
 
 from ghostify.config import ConvertConfig
 from ghostify.modules.ghost_module import GhostModule
+from ghostify.modules.ghost_stage import GGhostStage
 from ghostify.rewrite.inherit import inherit_weights
 from ghostify.rewrite.result import ConversionResult, SiteRecord
 from ghostify.rewrite.tracing import TracedPart, TraceResult, trace_model
@@ -154,10 +155,18 @@ def find_sites(model: nn.Module, trace: TraceResult, config: ConvertConfig) -> t
 
     modules = dict(model.named_modules())
     first_conv = _first_conv_name(trace)
+    cheap_paths = tuple(
+        f"{name}.{part}."
+        for name, m in modules.items()
+        if isinstance(m, GGhostStage)
+        for part in ("cheap", "merge")
+    )
     sites = []
     for site in raw_sites:
         conv = modules[site.conv]
-        if config.skip_stem and site.conv == first_conv:
+        if site.conv.startswith(cheap_paths):
+            skipped.append((site.conv, "G-Ghost cheap/mix path (already cheap)"))
+        elif config.skip_stem and site.conv == first_conv:
             skipped.append((site.conv, "stem (the first conv); pass skip_stem=False to convert it"))
         elif not config.selects(site.conv):
             skipped.append((site.conv, "excluded by --include/--exclude"))

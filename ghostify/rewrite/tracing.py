@@ -6,6 +6,7 @@ the model itself is changed by swapping submodules, so it keeps its class and st
 
 from __future__ import annotations
 
+import functools
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -13,14 +14,15 @@ import torch.fx as fx
 from torch import nn
 
 
-def _timm_notrace() -> tuple[list[type[nn.Module]], list]:
+@functools.cache
+def _timm_notrace() -> tuple[tuple[type[nn.Module], ...], tuple]:
     """timm's registry of modules and functions the tracer must not enter (filled on import)."""
     try:
         import timm.models  # noqa: F401  (importing registers timm's leaf modules)
         from timm.layers import get_notrace_functions, get_notrace_modules
     except ImportError:  # pragma: no cover - timm is a dependency, but keep tracing usable without it
-        return [], []
-    return list(get_notrace_modules()), list(get_notrace_functions())
+        return (), ()
+    return tuple(get_notrace_modules()), tuple(get_notrace_functions())
 
 
 class GhostifyTracer(fx.Tracer):
