@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -46,10 +47,8 @@ def _parse_input_size(text: str | None) -> tuple[int, int, int] | None:
     """'224' -> (3, 224, 224); '3,32,32' -> (3, 32, 32)."""
     if text is None:
         return None
-    try:
-        parts = [int(p) for p in text.replace("x", ",").split(",") if p.strip()]
-    except ValueError:
-        parts = []
+    tokens = re.split(r"[,x]", text.strip())
+    parts = [int(t) for t in tokens] if all(t.strip().isdigit() for t in tokens) else []
     if len(parts) == 1:
         parts = [3, parts[0], parts[0]]
     if len(parts) != 3 or min(parts) < 1:

@@ -154,7 +154,7 @@ def find_sites(model: nn.Module, trace: TraceResult, config: ConvertConfig) -> t
     raw_sites += [ConvSite(conv=name) for name in trace.lone_convs]
 
     modules = dict(model.named_modules())
-    first_conv = _first_conv_name(trace)
+    first_conv = _first_conv_name(model, trace)
     cheap_paths = tuple(
         f"{name}.{part}."
         for name, m in modules.items()
@@ -177,14 +177,15 @@ def find_sites(model: nn.Module, trace: TraceResult, config: ConvertConfig) -> t
     return sites, skipped
 
 
-def _first_conv_name(trace: TraceResult) -> str | None:
-    """The stem: the first conv (ordinary or not) met in graph order."""
-    for part in trace.parts:
+def _first_conv_name(model: nn.Module, trace: TraceResult) -> str | None:
+    """The stem: the first conv in graph order (definition order when the model did not trace whole)."""
+    if trace.complete:
+        part = trace.parts[0]
         modules = dict(part.module.named_modules())
         for node in part.graph.nodes:
             if node.op == "call_module" and isinstance(modules.get(node.target), nn.Conv2d):
-                return part.qualified(node.target)
-    return trace.lone_convs[0] if trace.lone_convs else None
+                return node.target
+    return next((name for name, m in model.named_modules() if isinstance(m, nn.Conv2d)), None)
 
 
 def build_ghost(
