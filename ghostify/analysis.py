@@ -479,6 +479,13 @@ def _site_row(site: Any, before: ModelStats, after: ModelStats) -> SiteRow:
     )
 
 
+def _top_level_sites(sites: list[Any]) -> list[Any]:
+    """Sites not nested in another site (mode "both": a G-Ghost stage's row covers the C-Ghost convs in it,
+    whose names do not exist in the original)."""
+    prefixes = tuple(s.name + "." for s in sites)
+    return [s for s in sites if not s.name.startswith(prefixes)]
+
+
 def build_report(
     original: nn.Module,
     result: ConversionResult,
@@ -518,7 +525,7 @@ def build_report(
         config=result.config.to_dict(),
         before=before,
         after=after,
-        sites=[_site_row(site, before, after) for site in result.sites],
+        sites=[_site_row(site, before, after) for site in _top_level_sites(result.sites)],
         skipped=[(str(n), str(w)) for n, w in result.skipped],
         notes=list(result.notes),
     )

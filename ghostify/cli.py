@@ -10,6 +10,7 @@ import json
 import os
 import re
 import sys
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -148,8 +149,12 @@ def convert_cmd(
     # random, not zeros: G-Ghost fits its cheap path on the example's features
     example = torch.randn(batch_size, *loaded.input_size, generator=torch.Generator().manual_seed(0))
 
+    start = time.perf_counter()
     with err_console.status(f"Converting {loaded.name} ({config.mode}, ratio {config.ratio})..."):
         result = convert_model(loaded.model, config, example_inputs=example[:1])
+    err_console.print(
+        f"converted {len(result.sites)} sites in {time.perf_counter() - start:.1f} s", highlight=False
+    )
     with err_console.status("Measuring params, MACs and latency (original and converted, interleaved)..."):
         report = build_report(
             loaded.model,

@@ -34,9 +34,18 @@ def convert_model(
         apply_g_ghost(converted, config, example_inputs, result)
     if config.mode in ("c-ghost", "both"):
         apply_c_ghost(converted, config, result)
+        _note_nested_sites(result)
     if not result.sites:
         raise ConversionError(_nothing_converted(result))
     return result
+
+
+def _note_nested_sites(result: ConversionResult) -> None:
+    """Mode "both": say on each G-Ghost stage's record how many C-Ghost convs it now holds."""
+    for stage in (s for s in result.sites if s.kind == "g-ghost"):
+        inside = sum(1 for s in result.sites if s.kind == "c-ghost" and s.name.startswith(stage.name + "."))
+        if inside:
+            stage.detail += f", {inside} C-Ghost convs inside"
 
 
 def _nothing_converted(result: ConversionResult) -> str:

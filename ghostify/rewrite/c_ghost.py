@@ -68,8 +68,16 @@ class ConvSite:
         return f"Conv2d {conv.in_channels}->{conv.out_channels} k{k} s{s}{tail}"
 
 
-def _is_ordinary_conv(module: nn.Module) -> bool:
-    return type(module) is nn.Conv2d
+def _ineligible(module: nn.Conv2d, calls: int = 1) -> str | None:
+    """Why this conv cannot become a Ghost module, or None when it can."""
+    if type(module) is not nn.Conv2d:
+        return f"{type(module).__name__} (a conv subclass) is left alone"
+    if module.groups != 1:
+        kind = "depthwise" if module.groups == module.in_channels else "grouped"
+        return f"{kind} conv (groups={module.groups})"
+    if calls > 1:
+        return f"called {calls} times (shared module)"
+    return None
 
 
 def _absorbable_bn(module: nn.Module, channels: int) -> bool:
@@ -121,15 +129,9 @@ def find_sites_in_part(part: TracedPart) -> tuple[list[ConvSite], list[tuple[str
         if not isinstance(module, nn.Conv2d):
             continue
         name = part.qualified(node.target)
-        if not _is_ordinary_conv(module):
-            skipped.append((name, f"{type(module).__name__} (a conv subclass) is left alone"))
-            continue
-        if module.groups != 1:
-            kind = "depthwise" if module.groups == module.in_channels else "grouped"
-            skipped.append((name, f"{kind} conv (groups={module.groups})"))
-            continue
-        if calls[node.target] > 1:
-            skipped.append((name, f"called {calls[node.target]} times (shared module)"))
+        why = _ineligible(module, calls[node.target])
+        if why:
+            skipped.append((name, why))
             continue
         site = ConvSite(conv=name)
         bn_node = _single_user(node)
@@ -151,7 +153,12 @@ def find_sites(model: nn.Module, trace: TraceResult, config: ConvertConfig) -> t
         part_sites, part_skipped = find_sites_in_part(part)
         raw_sites += part_sites
         skipped += part_skipped
-    raw_sites += [ConvSite(conv=name) for name in trace.lone_convs]
+    for name in trace.lone_convs:
+        why = _ineligible(model.get_submodule(name))
+        if why:
+            skipped.append((name, why))
+        else:
+            raw_sites.append(ConvSite(conv=name))
 
     modules = dict(model.named_modules())
     first_conv = _first_conv_name(model, trace)

@@ -66,8 +66,8 @@ class TraceResult:
 
     @property
     def complete(self) -> bool:
-        """True when the whole model traced as one graph."""
-        return len(self.parts) == 1 and self.parts[0].prefix == "" and not self.lone_convs
+        """True when the model's own forward traced (leaf modules may have been traced separately)."""
+        return bool(self.parts) and self.parts[0].prefix == "" and not self.untraced
 
     def fallback_notes(self) -> list[str]:
         return [
@@ -96,9 +96,15 @@ def _trace_into(module: nn.Module, prefix: str, result: TraceResult) -> None:
         result.untraced.append((prefix, _one_line(err)))
         for name, child in module.named_children():
             child_prefix = f"{prefix}.{name}" if prefix else name
-            if type(child) is nn.Conv2d:
+            if isinstance(child, nn.Conv2d):
                 result.lone_convs.append(child_prefix)
-            elif any(type(m) is nn.Conv2d for m in child.modules()):
+            elif any(isinstance(m, nn.Conv2d) for m in child.modules()):
                 _trace_into(child, child_prefix, result)
         return
-    result.parts.append(TracedPart(prefix=prefix, module=module, graph=graph))
+    part = TracedPart(prefix=prefix, module=module, graph=graph)
+    result.parts.append(part)
+    # Leaf modules the tracer did not enter (timm's no-trace list) may hold convs: look inside them too.
+    for target in dict.fromkeys(n.target for n in graph.nodes if n.op == "call_module"):
+        leaf = module.get_submodule(target)
+        if not isinstance(leaf, nn.Conv2d) and any(isinstance(m, nn.Conv2d) for m in leaf.modules()):
+            _trace_into(leaf, part.qualified(target), result)
