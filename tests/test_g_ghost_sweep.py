@@ -28,6 +28,11 @@ CONVERTIBLE = [
     "timm:regnetx_002",
     "timm:regnety_002",
     "timm:res2net50_26w_4s",
+    "torchvision:wide_resnet50_2",
+    "torchvision:resnet101",
+    "timm:resnet50d",
+    "timm:resnetv2_50",
+    "timm:cspresnet50",
 ]
 # Families whose stages all have fewer than 3 blocks (or are trees): a clear error, no conversion.
 NO_STAGE = ["torchvision:resnet18", "timm:resnet26d", "timm:resnest14d", "timm:dla34"]
@@ -71,3 +76,26 @@ def test_family_without_stage_says_so(spec):
     model = _create(spec)
     with pytest.raises(ConversionError, match="no residual stage of 3 or more blocks"):
         apply_g_ghost(model, cfg, torch.randn(1, 3, 64, 64), ConversionResult(model=model, config=cfg))
+
+
+def test_blocks_that_cannot_be_narrowed_name_the_layer():
+    """ECA attention mixes neighbouring channels through a view + conv1d: narrowing would change it."""
+    cfg = ConvertConfig(mode="g-ghost", ratio=2)
+    model = _create("timm:ecaresnet50t")
+    with pytest.raises(ConversionError, match=r"stage layer1 cannot be narrowed: block layer1\.1 uses"):
+        apply_g_ghost(model, cfg, torch.randn(1, 3, 64, 64), ConversionResult(model=model, config=cfg))
+
+
+def test_regnet_x_3_2gf_lands_near_the_paper():
+    """Paper: G-Ghost-RegNetX-3.2GF has 1.8 GMACs and 10.5M params (from 3.2 GMACs / 15.3M)."""
+    model = torchvision.models.regnet_x_3_2gf(weights=None).eval()
+    x = torch.randn(1, 3, 224, 224)
+    cfg = ConvertConfig(mode="g-ghost", ratio=2)
+    out = copy.deepcopy(model)
+    result = ConversionResult(model=out, config=cfg)
+    apply_g_ghost(out, cfg, x, result)
+    macs = _macs(out.eval(), x)
+    params = sum(p.numel() for p in out.parameters())
+    assert abs(macs / 1.8e9 - 1) < 0.10, macs
+    assert abs(params / 10.5e6 - 1) < 0.10, params
+    assert sorted(s.name for s in result.sites) == ["trunk_output.block2", "trunk_output.block3"]
