@@ -110,6 +110,7 @@ def convert_cmd(
     batch_size: Annotated[int, typer.Option(help="Batch size for the latency measurement.")] = 1,
     threads: Annotated[int | None, typer.Option(help="Torch threads for latency [default: torch's].")] = None,
     repeats: Annotated[int, typer.Option(help="Timed runs per model (median reported).")] = 20,
+    warmup: Annotated[int, typer.Option(help="Untimed warm-up runs per model.")] = 5,
 ) -> None:
     """Convert MODEL, report params / MACs / measured latency before and after, and save the result.
 
@@ -135,8 +136,8 @@ def convert_cmd(
         mix=mix,
         stages=[s.strip() for s in stages.split(",")] if stages else None,
     )
-    if batch_size < 1 or repeats < 1:
-        raise ConfigError("--batch-size and --repeats must be >= 1.")
+    if batch_size < 1 or repeats < 1 or warmup < 0:
+        raise ConfigError("--batch-size and --repeats must be >= 1, --warmup >= 0.")
     size = _parse_input_size(input_size)
     if out is not None:
         check_output_dir(out, force=force)
@@ -163,6 +164,7 @@ def convert_cmd(
             input_shape=tuple(example.shape),
             latency=latency,
             repeats=repeats,
+            warmup=warmup,
             threads=threads,
         )
     render(report, console)

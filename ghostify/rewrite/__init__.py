@@ -53,10 +53,16 @@ def _nothing_converted(result: ConversionResult) -> str:
         return "the model has no ordinary conv (nn.Conv2d with groups=1) to convert; nothing to do."
     reasons: dict[str, int] = {}
     for _, why in result.skipped:
-        key = why.split(" (")[0]
+        key = why.split(" (")[0].split(";")[0]
         reasons[key] = reasons.get(key, 0) + 1
     summary = ", ".join(f"{count} {why}" for why, count in reasons.items())
-    return f"no eligible site to convert: {summary}; loosen --include/--exclude or pick another model."
+    hints = []
+    if "stem" in reasons:
+        hints.append("pass --convert-stem (skip_stem=False) to convert the stem")
+    if any("--include/--exclude" in why for why in reasons):
+        hints.append("loosen --include/--exclude")
+    hint = "; ".join(hints) or "C-Ghost has nothing to replace in this model"
+    return f"no eligible site to convert: {summary}; {hint}."
 
 
 __all__ = ["ConversionResult", "SiteRecord", "convert_model"]

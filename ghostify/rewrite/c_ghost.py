@@ -13,7 +13,10 @@ module) is replaced on its own.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
+import re
 from dataclasses import dataclass
 
 import torch
@@ -80,6 +83,27 @@ def _ineligible(module: nn.Conv2d, calls: int = 1) -> str | None:
     return None
 
 
+def _attributes_read(model: nn.Module, name: str) -> str | None:
+    """Why a conv of an untraced module cannot be swapped: its parent's forward reads its attributes.
+
+    A Ghost module has no `.weight` (timm's PositionalEncodingFourier reads `token_projection.weight.dtype`).
+    """
+    parent_name, _, attr = name.rpartition(".")
+    source = _forward_source(type(model.get_submodule(parent_name)))
+    match = re.search(rf"self\.{re.escape(attr)}\.(\w+)", source)
+    if match is None:
+        return None
+    return f"attribute read directly (the parent's forward uses `{attr}.{match.group(1)}`)"
+
+
+@functools.cache
+def _forward_source(cls: type) -> str:
+    try:
+        return inspect.getsource(cls.forward)
+    except (OSError, TypeError):
+        return ""
+
+
 def _absorbable_bn(module: nn.Module, channels: int) -> bool:
     return (
         type(module) is nn.BatchNorm2d
@@ -120,6 +144,7 @@ def find_sites_in_part(part: TracedPart) -> tuple[list[ConvSite], list[tuple[str
     """Conv sites of one traced graph, in graph order, and the convs left alone with the reason."""
     modules = dict(part.module.named_modules())
     calls = part.call_counts()
+    read_attrs = {n.target for n in part.graph.nodes if n.op == "get_attr"}
     sites: list[ConvSite] = []
     skipped: list[tuple[str, str]] = []
     for node in part.graph.nodes:
@@ -130,6 +155,9 @@ def find_sites_in_part(part: TracedPart) -> tuple[list[ConvSite], list[tuple[str
             continue
         name = part.qualified(node.target)
         why = _ineligible(module, calls[node.target])
+        read = sorted(t for t in read_attrs if t.startswith(node.target + "."))
+        if not why and read:
+            why = f"attribute read directly (the forward uses {', '.join(read)})"
         if why:
             skipped.append((name, why))
             continue
@@ -154,7 +182,7 @@ def find_sites(model: nn.Module, trace: TraceResult, config: ConvertConfig) -> t
         raw_sites += part_sites
         skipped += part_skipped
     for name in trace.lone_convs:
-        why = _ineligible(model.get_submodule(name))
+        why = _ineligible(model.get_submodule(name)) or _attributes_read(model, name)
         if why:
             skipped.append((name, why))
         else:
@@ -181,6 +209,12 @@ def find_sites(model: nn.Module, trace: TraceResult, config: ConvertConfig) -> t
             skipped.append((site.conv, f"{conv.out_channels} output channel(s): nothing to make cheap"))
         else:
             sites.append(site)
+    # A conv the traced forward never called (a training-only branch such as GoogLeNet's aux heads when
+    # the model is in eval mode) is left alone, but say so: no conv may go unaccounted for.
+    seen = {site.conv for site in raw_sites} | {name for name, _ in skipped}
+    for name, module in modules.items():
+        if isinstance(module, nn.Conv2d) and name not in seen:
+            skipped.append((name, "not called by the traced forward (a branch used only in train mode?)"))
     return sites, skipped
 
 

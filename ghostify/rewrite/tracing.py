@@ -34,6 +34,8 @@ class GhostifyTracer(fx.Tracer):
         self._leaf_types = tuple(leaf_modules)
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if isinstance(m, nn.Conv2d):  # subclasses too (timm's StdConv2d, ScaledStdConv2d): every conv a node
+            return True
         if self._leaf_types and isinstance(m, self._leaf_types):
             return True
         return super().is_leaf_module(m, module_qualified_name)
