@@ -74,6 +74,28 @@ def _spec_for_recipe(spec: str) -> str:
     return spec
 
 
+def _report_conversion(original, result, name, shape, latency, repeats, warmup, threads, json_path):  # noqa: ANN001
+    """Measure original vs converted (interleaved), print the report, write --json; return the report."""
+    from ghostify.analysis import build_report
+    from ghostify.report import render, write_json
+
+    with err_console.status("Measuring params, MACs and latency (original and converted, interleaved)..."):
+        report = build_report(
+            original,
+            result,
+            model_name=name,
+            input_shape=shape,
+            latency=latency,
+            repeats=repeats,
+            warmup=warmup,
+            threads=threads,
+        )
+    render(report, console)
+    if json_path is not None:
+        write_json(report, json_path)
+    return report
+
+
 @app.command("convert")
 def convert_cmd(
     model: Annotated[
@@ -118,11 +140,10 @@ def convert_cmd(
     """
     import torch
 
-    from ghostify.analysis import build_report
     from ghostify.config import ConvertConfig
     from ghostify.io import check_output_dir, make_recipe, save
     from ghostify.models import load_model
-    from ghostify.report import render, to_markdown, write_json
+    from ghostify.report import to_markdown
     from ghostify.rewrite import convert_model
 
     config = ConvertConfig(
@@ -156,20 +177,9 @@ def convert_cmd(
     err_console.print(
         f"converted {len(result.sites)} sites in {time.perf_counter() - start:.1f} s", highlight=False
     )
-    with err_console.status("Measuring params, MACs and latency (original and converted, interleaved)..."):
-        report = build_report(
-            loaded.model,
-            result,
-            model_name=model,
-            input_shape=tuple(example.shape),
-            latency=latency,
-            repeats=repeats,
-            warmup=warmup,
-            threads=threads,
-        )
-    render(report, console)
-    if json_path is not None:
-        write_json(report, json_path)
+    report = _report_conversion(
+        loaded.model, result, model, tuple(example.shape), latency, repeats, warmup, threads, json_path
+    )
     recipe = make_recipe(
         _spec_for_recipe(model), config, loaded.num_classes, loaded.input_size, source_weights=loaded.weights
     )
@@ -199,29 +209,17 @@ def report_cmd(
 
     Example: ghostify report ghostify-out/resnet50-c-ghost-s2
     """
-    from ghostify.analysis import analyze, build_report
+    from ghostify.analysis import analyze
     from ghostify.io import RECIPE_FILE, replay
     from ghostify.models import load_model
-    from ghostify.report import render, render_stats, write_json
+    from ghostify.report import render_stats
 
     size = _parse_input_size(input_size)
     if Path(target).is_dir() or (Path(target) / RECIPE_FILE).exists():
         with err_console.status(f"Loading {target}..."):
             source, result, recipe = replay(target)
         shape = (batch_size, *(size or recipe.input_size))
-        with err_console.status("Measuring params, MACs and latency..."):
-            report = build_report(
-                source,
-                result,
-                model_name=recipe.model_spec,
-                input_shape=shape,
-                latency=latency,
-                repeats=repeats,
-                threads=threads,
-            )
-        render(report, console)
-        if json_path is not None:
-            write_json(report, json_path)
+        _report_conversion(source, result, recipe.model_spec, shape, latency, repeats, 5, threads, json_path)
         return
     with err_console.status(f"Loading {target}..."):
         loaded = load_model(target, weights=weights, num_classes=num_classes, input_size=size)
