@@ -49,7 +49,7 @@ def test_resnet18_sites_absorb_bn_and_keep_shared_relu():
     result = convert_model(model, ConvertConfig(ratio=2))
     names = [s.name for s in result.sites]
     assert "conv1" not in names  # the stem
-    assert ("conv1", "stem (the first conv); pass skip_stem=False to convert it") in result.skipped
+    assert ("conv1", "stem (the first conv); --convert-stem (skip_stem=False) converts it") in result.skipped
     assert len(names) == 19  # 16 block convs + 3 downsample convs
     block = result.model.layer1[0]
     assert isinstance(block.conv1, GhostModule) and isinstance(block.bn1, nn.Identity)

@@ -202,7 +202,7 @@ def find_sites(model: nn.Module, trace: TraceResult, config: ConvertConfig) -> t
         if site.conv.startswith(cheap_paths):
             skipped.append((site.conv, "G-Ghost cheap/mix path (already cheap)"))
         elif config.skip_stem and site.conv == first_conv:
-            skipped.append((site.conv, "stem (the first conv); pass skip_stem=False to convert it"))
+            skipped.append((site.conv, "stem (the first conv); --convert-stem (skip_stem=False) converts it"))
         elif not config.selects(site.conv):
             skipped.append((site.conv, "excluded by --include/--exclude"))
         elif math.ceil(conv.out_channels / config.ratio) >= conv.out_channels:
