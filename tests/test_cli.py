@@ -26,8 +26,18 @@ def spec(user_model_file):
 def test_convert_user_model_from_file(capsys, tmp_path, spec):
     out = tmp_path / "out"
     code, stdout, stderr = run(
-        capsys, spec, "--mode", "c-ghost", "--ratio", "2", "--out", str(out), "--repeats", "3",
-        "--json", str(tmp_path / "r.json"),
+        capsys,
+        spec,
+        "--mode",
+        "c-ghost",
+        "--ratio",
+        "2",
+        "--out",
+        str(out),
+        "--repeats",
+        "3",
+        "--json",
+        str(tmp_path / "r.json"),
     )
     assert code == 0, stderr
     assert "params" in stdout and "MACs" in stdout and "latency" in stdout and "fewer" in stdout

@@ -26,8 +26,17 @@ def _conv_bn(n=12, c=5, k=3, stride=1, dilation=1, seed=0):
 
 def _ghost_for(conv, bn, ratio=2, dw=3, act=None):
     return GhostModule(
-        conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
-        ratio=ratio, dw_size=dw, norm=bn is not None, act_layer=act, bias=conv.bias is not None,
+        conv.in_channels,
+        conv.out_channels,
+        conv.kernel_size,
+        conv.stride,
+        conv.padding,
+        conv.dilation,
+        ratio=ratio,
+        dw_size=dw,
+        norm=bn is not None,
+        act_layer=act,
+        bias=conv.bias is not None,
     ).eval()
 
 
@@ -58,7 +67,8 @@ def test_ghosts_pair_with_most_similar_intrinsic_within_capacity():
     assignment = assign_ghosts(kernels, torch.arange(3), capacity=1)
     assert {g: k for g, (k, _) in assignment.items()} == {3: 0, 4: 2, 5: 1}
     crowded = assign_ghosts(torch.cat([base, ghosts[:1].repeat(3, 1, 1, 1)]), torch.arange(3), capacity=2)
-    assert sorted(k for k, _ in crowded.values()).count(0) == 2  # two fit on channel 0, the third goes elsewhere
+    # two fit on channel 0, the third goes elsewhere
+    assert sorted(k for k, _ in crowded.values()).count(0) == 2
     assert len({(k, r) for k, r in crowded.values()}) == 3  # no slot used twice
 
 
