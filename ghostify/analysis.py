@@ -30,6 +30,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from ghostify.modes import eval_mode
 from ghostify.rewrite.result import ConversionResult
 
 ExampleInputs = torch.Tensor | tuple[Any, ...] | list[Any]
@@ -131,19 +132,6 @@ def _model_device(model: nn.Module) -> torch.device:
 
 
 @contextmanager
-def _eval_mode(*models: nn.Module) -> Iterator[None]:
-    """Put every submodule in eval mode, then restore each one's own training flag."""
-    flags = [(mod, mod.training) for model in models for mod in model.modules()]
-    for model in models:
-        model.eval()
-    try:
-        yield
-    finally:
-        for mod, training in flags:
-            mod.training = training
-
-
-@contextmanager
 def _num_threads(threads: int | None) -> Iterator[None]:
     before = torch.get_num_threads()
     if threads is not None:
@@ -166,7 +154,7 @@ def count_macs(model: nn.Module, example_inputs: ExampleInputs) -> tuple[int, di
     """
     inputs = _as_tuple(example_inputs)
     counter = FlopCounterMode(display=False)
-    with _eval_mode(model), torch.inference_mode(), counter:
+    with eval_mode(model), torch.inference_mode(), counter:
         model(*inputs)
     total = counter.get_total_flops() // 2
 
@@ -268,7 +256,7 @@ def measure_latency(
     warmup = max(warmup, 0)
     times: list[float] = []
     total_s = 0.0
-    with _num_threads(threads), _eval_mode(model), torch.inference_mode():
+    with _num_threads(threads), eval_mode(model), torch.inference_mode():
         for _ in range(warmup):
             _timed_run(model, inputs, device)
         while len(times) < repeats or total_s < min_time_s:
@@ -307,7 +295,7 @@ def compare_latency(
     inputs = {name: _to_device(base, devices[name]) for name in names}
     times: dict[str, list[float]] = {name: [] for name in names}
     warmup = max(warmup, 0)
-    with _num_threads(threads), _eval_mode(*models.values()), torch.inference_mode():
+    with _num_threads(threads), eval_mode(*models.values()), torch.inference_mode():
         for round_idx in range(warmup + repeats):
             shift = round_idx % max(len(names), 1)
             for name in names[shift:] + names[:shift]:

@@ -9,17 +9,16 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ghostify.config import ConvertConfig
 from ghostify.errors import ConfigError, ConversionError
+from ghostify.modes import eval_mode
 from ghostify.modules.ghost_stage import GGhostStage
 from ghostify.rewrite.narrow import analyse_block, narrow_block, residual_writer_scores, round_raw
 from ghostify.rewrite.result import ConversionResult, SiteRecord
-from ghostify.rewrite.stages import StageInfo, find_stages
+from ghostify.rewrite.stages import StageInfo, call_model, find_stages
 
 
 def _macs(module: nn.Module, shape: tuple[int, ...]) -> int:
     """Multiply-accumulates of one forward of `module` at input `shape`, batch 1 (fake tensors)."""
-    modes = {m: m.training for m in module.modules()}
-    module.eval()
-    try:
+    with eval_mode(module):
         try:
             with torch.no_grad(), FakeTensorMode(allow_non_fake_inputs=True) as fake_mode:
                 x = fake_mode.from_tensor(torch.empty(1, *shape[1:]))
@@ -28,9 +27,6 @@ def _macs(module: nn.Module, shape: tuple[int, ...]) -> int:
         except Exception:  # noqa: BLE001 - some ops have no fake kernel: compute for real
             with torch.no_grad(), FlopCounterMode(display=False) as counter:
                 module(torch.randn(1, *shape[1:]))
-    finally:
-        for m, mode in modes.items():
-            m.train(mode)
     return counter.get_total_flops() // 2
 
 
@@ -105,10 +101,7 @@ def fit_cheap(new: GGhostStage, blocks: list[nn.Module], stage_input: torch.Tens
     source. Ridge regression towards the identity (the data-free start) keeps the fit stable when the
     example batch has fewer pixels than channels.
     """
-    modes = {m: m.training for m in new.modules()} | {m: m.training for b in blocks for m in b.modules()}
-    for b in blocks:
-        b.eval()
-    try:
+    with eval_mode(new, *blocks):
         x0 = blocks[0](stage_input)
         target = x0
         for b in blocks[1:-1]:
@@ -125,9 +118,6 @@ def fit_cheap(new: GGhostStage, blocks: list[nn.Module], stage_input: torch.Tens
         conv, bn = new.cheap
         conv.weight.copy_(w.to(conv.weight.dtype)[:, :, None, None])
         bn.bias.copy_(b_vec.to(bn.bias.dtype))
-    finally:
-        for m, mode in modes.items():
-            m.train(mode)
 
 
 def _stage_inputs(model: nn.Module, names: list[str], example_inputs) -> dict[str, torch.Tensor]:
@@ -141,21 +131,12 @@ def _stage_inputs(model: nn.Module, names: list[str], example_inputs) -> dict[st
                 seen.setdefault(_name, args[0].detach())
 
         handles.append(model.get_submodule(name).register_forward_pre_hook(hook))
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
     try:
-        with torch.no_grad():
-            if isinstance(example_inputs, torch.Tensor):
-                model(example_inputs)
-            elif isinstance(example_inputs, dict):
-                model(**example_inputs)
-            else:
-                model(*example_inputs)
+        with eval_mode(model), torch.no_grad():
+            call_model(model, example_inputs)
     finally:
         for h in handles:
             h.remove()
-        for m, mode in modes.items():
-            m.train(mode)
     return seen
 
 

@@ -35,6 +35,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.passes.shape_prop import ShapeProp
 
 from ghostify.errors import ConversionError
+from ghostify.modes import eval_mode
 from ghostify.rewrite.tracing import GhostifyTracer
 
 _BINARY = {
@@ -143,18 +144,13 @@ def prepared_graph(block: nn.Module, in_shape: tuple[int, ...]) -> fx.GraphModul
 @torch.no_grad()
 def propagate_shapes(gm: fx.GraphModule, in_shape: tuple[int, ...]) -> None:
     """Run ShapeProp on `gm` in eval mode with fake tensors; every module keeps its training flag."""
-    modes = {m: m.training for m in gm.modules()}
-    gm.eval()
-    try:
+    with eval_mode(gm):
         try:
             prop = ShapeProp(gm)  # made outside the fake mode, so it does not copy the block
             with FakeTensorMode(allow_non_fake_inputs=True) as fake_mode:
                 prop.propagate(fake_mode.from_tensor(torch.empty(*in_shape)))
         except Exception:  # noqa: BLE001 - some ops have no fake kernel: compute for real
             ShapeProp(gm).propagate(torch.randn(*in_shape))
-    finally:
-        for m, mode in modes.items():
-            m.train(mode)
 
 
 def _shape(node: fx.Node) -> tuple[int, ...] | None:

@@ -25,6 +25,7 @@ import torch.fx as fx
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
+from ghostify.modes import eval_mode
 from ghostify.rewrite.narrow import is_residual_add, prepared_graph
 from ghostify.rewrite.tracing import GhostifyTracer
 
@@ -79,7 +80,8 @@ def _as_tuple(example_inputs) -> tuple:
     return tuple(example_inputs)
 
 
-def _call(model: nn.Module, example_inputs, convert) -> None:
+def call_model(model: nn.Module, example_inputs, convert=lambda t: t) -> None:
+    """model(example_inputs) for a tensor, a tuple of positional inputs or a dict of keyword inputs."""
     if isinstance(example_inputs, dict):
         model(**{k: convert(v) if isinstance(v, torch.Tensor) else v for k, v in example_inputs.items()})
     else:
@@ -106,21 +108,18 @@ def record_calls(model: nn.Module, example_inputs) -> dict[str, ModuleCall]:
 
     for name, m in model.named_modules():
         handles.append(m.register_forward_hook(hook(name)))
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
     try:
-        try:
-            with FakeTensorMode(allow_non_fake_inputs=True) as fake_mode:
-                _call(model, example_inputs, fake_mode.from_tensor)
-        except Exception:  # noqa: BLE001 - some ops have no fake kernel: compute for real
-            for rec in calls.values():
-                rec.count, rec.in_shape, rec.out_shape = 0, None, None
-            _call(model, example_inputs, lambda t: t)
+        with eval_mode(model):
+            try:
+                with FakeTensorMode(allow_non_fake_inputs=True) as fake_mode:
+                    call_model(model, example_inputs, fake_mode.from_tensor)
+            except Exception:  # noqa: BLE001 - some ops have no fake kernel: compute for real
+                for rec in calls.values():
+                    rec.count, rec.in_shape, rec.out_shape = 0, None, None
+                call_model(model, example_inputs)
     finally:
         for h in handles:
             h.remove()
-        for m, mode in modes.items():
-            m.train(mode)
     return calls
 
 
