@@ -43,6 +43,8 @@ from ghostify.errors import ConfigError, ModelLoadError
 
 WEIGHT_CHOICES = ("default", "pretrained", "none")
 DEFAULT_INPUT_SIZE = (3, 224, 224)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 STATE_DICT_KEYS = ("state_dict", "model", "model_state_dict")
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DistributedDataParallel, torch.compile
 PROBE_TIMEOUT_S = 1.0
@@ -64,6 +66,9 @@ class LoadedModel:
         input_size: (C, H, W) the model expects by default.
         num_classes: classifier outputs, None when unknown.
         notes: one-line notes for the user (fallbacks, skipped options).
+        mean: per-channel normalisation mean (on the [0, 1] scale) the model was trained with: from timm's
+            data config or torchvision's weights transforms; ImageNet's for file models.
+        std: the matching normalisation std.
     """
 
     model: nn.Module
@@ -74,6 +79,8 @@ class LoadedModel:
     input_size: tuple[int, int, int]
     num_classes: int | None
     notes: list[str] = field(default_factory=list)
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
 
 
 # ----------------------------------------------------------------------------------------- public API
@@ -117,6 +124,7 @@ def load_model(
     if weights_path is not None:
         _load_weights(model, weights_path, name)
     model.eval()
+    mean, std = _normalization(source, name, model)
     return LoadedModel(
         model=model,
         spec=spec,
@@ -126,6 +134,8 @@ def load_model(
         input_size=input_size or default_size,
         num_classes=classes,
         notes=notes,
+        mean=mean,
+        std=std,
     )
 
 
@@ -405,6 +415,43 @@ def _fall_back(err: _NoPretrained, weights_mode: str, notes: list[str]) -> None:
     if weights_mode == "pretrained":
         raise ModelLoadError(err.error) from None
     notes.append(err.note)
+
+
+# ------------------------------------------------------------------------------------------ data config
+
+
+def _normalization(source: str, name: str, model: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The (mean, std) a model's own data config names, read locally; ImageNet's when it names none.
+
+    A model trained on other statistics (timm's mean 0.5 ViTs, mean 0 / std 1 MobileViTs) sees shifted
+    inputs otherwise, and its accuracy drops before ghostify changes anything.
+    """
+    mean: Any = None
+    std: Any = None
+    try:
+        if source == "torchvision":
+            preset = torchvision.models.get_model_weights(name).DEFAULT.transforms()
+            mean, std = preset.mean, preset.std
+        elif source == "timm":
+            import timm.data
+
+            config = timm.data.resolve_data_config({}, model=model)
+            mean, std = config.get("mean"), config.get("std")
+    except (ValueError, KeyError, AttributeError, TypeError):
+        pass
+    mean3, std3 = _stats3(mean), _stats3(std)
+    if mean3 is None or std3 is None or min(std3) <= 0:
+        return IMAGENET_MEAN, IMAGENET_STD
+    return mean3, std3
+
+
+def _stats3(value: Any) -> tuple[float, float, float] | None:
+    if not isinstance(value, (tuple, list)) or len(value) != 3:
+        return None
+    try:
+        return tuple(float(v) for v in value)  # type: ignore[return-value]
+    except (TypeError, ValueError):
+        return None
 
 
 # ------------------------------------------------------------------------------------------ torchvision

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import os
+import re
 import tarfile
 from pathlib import Path
 
@@ -14,11 +16,17 @@ from ghostify import data
 from ghostify.data import (
     build_eval_loader,
     build_train_loader,
+    check_num_classes,
+    data_config,
     extract_archive,
     find_split,
+    loader_classes,
+    parse_floats,
+    set_epoch,
     skipped_images,
 )
-from ghostify.errors import DataError
+from ghostify.errors import ConfigError, DataError
+from ghostify.models import LoadedModel
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 CLASSES = ("cat", "dog", "frog")
@@ -32,6 +40,14 @@ def make_tree(root: Path, per_class: int = 4, size: int = 32, classes=CLASSES) -
         for i in range(per_class):
             Image.new("RGB", (size, size), (40 * (k + 1),) * 3).save(folder / f"{i}.png")
     return root
+
+
+def make_flat(folder: Path, n: int = 6, size: int = 8) -> Path:
+    """folder/<i>.png, no class subfolders."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        Image.new("RGB", (size, size), (10 * i,) * 3).save(folder / f"{i}.png")
+    return folder
 
 
 def all_batches(loader):
@@ -77,10 +93,10 @@ def test_train_loader_augments_and_limits(tmp_path):
     assert names[:2] == ["RandomCrop", "RandomHorizontalFlip"]
     x, y = all_batches(loader)
     assert x.shape == (12, 3, 32, 32) and y.shape == (12,)
-    same = build_train_loader(tmp_path, (3, 32, 32), MEAN, STD, workers=0, limit=12, seed=1)
-    other = build_train_loader(tmp_path, (3, 32, 32), MEAN, STD, workers=0, limit=12, seed=2)
+    same = build_train_loader(tmp_path, (3, 32, 32), MEAN, STD, batch_size=8, workers=0, limit=12, seed=1)
+    other = build_train_loader(tmp_path, (3, 32, 32), MEAN, STD, batch_size=8, workers=0, limit=12, seed=2)
     assert same.dataset.indices == loader.dataset.indices != other.dataset.indices
-    big = build_train_loader(tmp_path, (3, 96, 96), MEAN, STD, workers=0)
+    big = build_train_loader(tmp_path, (3, 96, 96), MEAN, STD, batch_size=8, workers=0)
     assert type(big.dataset.transform.transforms[0]).__name__ == "RandomResizedCrop"
 
 
@@ -227,3 +243,255 @@ def test_extract_archive_errors(tmp_path):
     assert not list((tmp_path / "out").iterdir()) or all(
         p.name == ".extract.lock" for p in (tmp_path / "out").iterdir()
     )
+
+
+# ---------------------------------------------------------------------------------- unlabelled folders
+
+
+@pytest.mark.parametrize("layout", ["root/train", "flat"])
+def test_train_loader_reads_a_folder_without_classes_as_unlabelled(tmp_path, layout):
+    folder = make_flat(tmp_path / "train" if layout == "root/train" else tmp_path, n=5)
+    loader = build_train_loader(tmp_path, (3, 8, 8), MEAN, STD, batch_size=2, workers=0)
+    x, y = all_batches(loader)
+    assert x.shape == (5, 3, 8, 8)
+    assert y.dtype == torch.long and y.tolist() == [-1] * 5
+    assert loader_classes(loader) is None
+    assert Path(loader.dataset.root) == folder
+    limited = build_train_loader(tmp_path, (3, 8, 8), MEAN, STD, batch_size=2, workers=0, limit=3)
+    assert loader_classes(limited) is None and len(limited.dataset) == 3
+
+
+def test_loader_classes_of_labelled_data(tmp_path):
+    make_tree(tmp_path, per_class=2, size=8)
+    (tmp_path / ".ipynb_checkpoints").mkdir()  # hidden folders are not classes
+    make_flat(tmp_path, n=2)  # images beside class folders are ignored
+    loader = build_train_loader(tmp_path, (3, 8, 8), MEAN, STD, batch_size=2, workers=0, limit=4)
+    assert loader_classes(loader) == list(CLASSES)
+    assert loader_classes(loader.dataset) == list(CLASSES)
+    assert len(build_eval_loader(tmp_path, (3, 8, 8), MEAN, STD, workers=0).dataset) == 6
+    distributed = build_train_loader(tmp_path, (3, 8, 8), MEAN, STD, batch_size=2, workers=0, world_size=2)
+    assert loader_classes(distributed) == list(CLASSES)
+
+
+def test_eval_loader_refuses_unlabelled_data(tmp_path):
+    make_flat(tmp_path / "val")
+    with pytest.raises(
+        DataError, match=r"no class subfolders, and accuracy needs labels: lay it out as .*/val/<class>"
+    ):
+        build_eval_loader(tmp_path, (3, 8, 8), MEAN, STD)
+
+
+def test_training_error_messages_offer_the_unlabelled_layout(tmp_path):
+    (tmp_path / "train").mkdir()
+    with pytest.raises(
+        DataError, match=r"train is empty; .*<class>/<image> \(or .*train/<image> to distil without"
+    ):
+        build_train_loader(tmp_path, (3, 8, 8), MEAN, STD)
+    (tmp_path / "train").rmdir()
+    make_tree(tmp_path / "val", per_class=1, size=8)
+    with pytest.raises(
+        DataError, match=r"holds the splits val but none of train; add .*train/<class>/<image>"
+    ):
+        build_train_loader(tmp_path, (3, 8, 8), MEAN, STD)
+
+
+# --------------------------------------------------------------------------------------- distributed
+
+
+def test_distributed_shards_cover_the_data_once(tmp_path):
+    make_flat(tmp_path, n=10)
+    loaders = [
+        build_train_loader(tmp_path, (3, 8, 8), MEAN, STD, batch_size=5, workers=0, world_size=2, rank=r)
+        for r in (0, 1)
+    ]
+    shards = [list(loader.sampler) for loader in loaders]
+    assert sorted(shards[0] + shards[1]) == list(range(10))
+    sampler = loaders[0].sampler
+    assert isinstance(sampler, torch.utils.data.DistributedSampler)
+    assert (sampler.num_replicas, sampler.rank, sampler.shuffle) == (2, 0, True)
+    set_epoch(loaders[0], 1)
+    assert sampler.epoch == 1 and list(sampler) != shards[0]
+    assert all_batches(loaders[1])[0].shape == (5, 3, 8, 8)
+
+
+def test_drop_last(tmp_path):
+    make_flat(tmp_path, n=7)
+    single = build_train_loader(tmp_path, (3, 8, 8), MEAN, STD, batch_size=3, workers=0, drop_last=True)
+    assert [len(y) for _, y in single] == [3, 3]
+    set_epoch(single, 1)  # a no-op without a DistributedSampler
+    kept = build_train_loader(tmp_path, (3, 8, 8), MEAN, STD, batch_size=3, workers=0)
+    assert [len(y) for _, y in kept] == [3, 3, 1]
+    ranks = [
+        build_train_loader(
+            tmp_path, (3, 8, 8), MEAN, STD, batch_size=2, workers=0, world_size=2, rank=r, drop_last=True
+        )
+        for r in (0, 1)
+    ]
+    assert [len(r.sampler) for r in ranks] == [3, 3]  # the odd image out is dropped, not repeated
+    assert [len(y) for _, y in ranks[0]] == [2]
+
+
+def test_batch_size_larger_than_the_data(tmp_path):
+    folder = make_flat(tmp_path / "train", n=6)
+    with pytest.raises(DataError) as info:
+        build_train_loader(tmp_path, (3, 8, 8), MEAN, STD, batch_size=256, workers=0)
+    assert str(info.value) == (
+        f"batch size 256 is larger than the 6 images in {folder}; use --batch-size 6 or fewer."
+    )
+    build_train_loader(tmp_path, (3, 8, 8), MEAN, STD, batch_size=6, workers=0)  # equal is fine
+    with pytest.raises(
+        DataError, match=r"than the 4 images in .*train \(limited to 4\); use --batch-size 4 or fewer"
+    ):
+        build_train_loader(tmp_path, (3, 8, 8), MEAN, STD, batch_size=5, workers=0, limit=4)
+    with pytest.raises(
+        DataError,
+        match=r"than the 3 images each of the 2 processes gets from .* \(6 in all\); use --batch-size 3",
+    ):
+        build_train_loader(tmp_path, (3, 8, 8), MEAN, STD, batch_size=4, workers=0, world_size=2, rank=1)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"batch_size": 0}, "batch size must be at least 1"),
+        ({"world_size": 2, "rank": 2}, "rank 2 is not in 0..1"),
+    ],
+)
+def test_bad_loader_arguments(tmp_path, kwargs, match):
+    make_flat(tmp_path)
+    with pytest.raises(ConfigError, match=match):
+        build_train_loader(tmp_path, (3, 8, 8), MEAN, STD, workers=0, **kwargs)
+
+
+# ------------------------------------------------------------------------------------ worker crashes
+
+
+def _exit_in_worker(image):
+    if torch.utils.data.get_worker_info() is not None:
+        os._exit(3)
+    return image
+
+
+def _raise(image):
+    raise ValueError("boom")
+
+
+def test_crashed_worker_becomes_a_data_error(tmp_path):
+    make_flat(tmp_path, n=2)
+    loader = build_train_loader(tmp_path, (3, 8, 8), MEAN, STD, batch_size=2, workers=1)
+    loader.dataset.transform = _exit_in_worker
+    with pytest.raises(DataError) as info:
+        list(loader)
+    message = str(info.value)
+    assert re.match(r"a data-loading worker crashed \(worker \(pid.*\) exited unexpectedly", message)
+    assert message.endswith("rerun with --workers 0 to see the failing image, or lower --workers.")
+
+
+def test_raising_worker_becomes_a_data_error_but_not_in_process(tmp_path):
+    make_flat(tmp_path, n=2)
+    loader = build_train_loader(tmp_path, (3, 8, 8), MEAN, STD, batch_size=2, workers=1)
+    loader.dataset.transform = _raise
+    with pytest.raises(
+        DataError, match=r"worker crashed \(it raised ValueError: boom\); rerun with --workers 0"
+    ):
+        list(loader)
+    loader = build_train_loader(tmp_path, (3, 8, 8), MEAN, STD, batch_size=2, workers=0)
+    loader.dataset.transform = _raise
+    with pytest.raises(ValueError, match="^boom$"):  # in-process: the real error and its traceback
+        list(loader)
+
+
+def test_worker_failure_reasons():
+    killed = RuntimeError(
+        "DataLoader worker (pid 4242) is killed by signal: Bus error. It is possible that dataloader's "
+        "workers are out of shared memory. Please try to raise your shared memory limit."
+    )
+    assert data._worker_failure(killed) == (
+        "worker (pid 4242) is killed by signal: Bus error, possibly out of shared memory"
+    )
+    gone = RuntimeError("DataLoader worker (pid(s) 11, 12) exited unexpectedly")
+    assert data._worker_failure(gone) == "worker (pid(s) 11, 12) exited unexpectedly"
+    assert data._worker_failure(RuntimeError("CUDA out of memory")) is None
+
+
+# ------------------------------------------------------------------------------------- class counts
+
+
+def test_check_num_classes(tmp_path):
+    make_tree(tmp_path / "labelled", per_class=1, size=8)
+    labelled = build_train_loader(tmp_path / "labelled", (3, 8, 8), MEAN, STD, batch_size=1, workers=0)
+    check_num_classes(labelled, 3)
+    check_num_classes(labelled, None)  # unknown head: nothing to compare
+    with pytest.raises(DataError) as info:
+        check_num_classes(labelled, 1000)
+    assert str(info.value) == (
+        f"{tmp_path / 'labelled'} has 3 classes but the model outputs 1000; give a model with a 3-class head "
+        "(--num-classes 3 with --weights FILE), or pass a folder without class subfolders to distil without "
+        "labels."
+    )
+    unlabelled = build_train_loader(
+        make_flat(tmp_path / "flat"), (3, 8, 8), MEAN, STD, batch_size=1, workers=0
+    )
+    check_num_classes(unlabelled, 1000)
+
+
+# ------------------------------------------------------------------------------------- data config
+
+
+def loaded(**kwargs):
+    fields = {
+        "model": torch.nn.Identity(),
+        "spec": "x",
+        "source": "timm",
+        "name": "x",
+        "weights": "none",
+        "input_size": (3, 256, 256),
+        "num_classes": 10,
+        **kwargs,
+    }
+    return LoadedModel(**fields)
+
+
+def test_data_config_prefers_explicit_values():
+    model = loaded(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+    assert data_config(model) == ((3, 256, 256), (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+    assert data_config(model, input_size=(3, 32, 32), mean=(0.5, 0.5, 0.5), std=[0.25]) == (
+        (3, 32, 32),
+        (0.5, 0.5, 0.5),
+        (0.25,),
+    )
+    assert data_config(loaded()) == ((3, 256, 256), data.IMAGENET_MEAN, data.IMAGENET_STD)
+    assert data_config(None) == ((3, 224, 224), data.IMAGENET_MEAN, data.IMAGENET_STD)
+    size, mean, std = data_config(loaded(), input_size=(1, 28, 28))  # grayscale: the model's stats averaged
+    assert size == (1, 28, 28) and len(mean) == len(std) == 1
+    assert mean[0] == pytest.approx(sum(data.IMAGENET_MEAN) / 3)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"mean": (0.5, 0.5)}, "--mean has 2 values but the input has 3 channels"),
+        ({"std": (0.2, 0.0, 0.2)}, r"--std 0.2,0,0.2 is out of range: values must be above 0"),
+        ({"mean": (123.7, 116.3, 103.5)}, r"on the \[0, 1\] pixel scale \(divide 0-255 values by 255\)"),
+        ({"input_size": (4, 32, 32)}, "not C,H,W with 1 or 3 channels"),
+        ({"input_size": (3, 0, 32)}, "positive sides"),
+    ],
+)
+def test_data_config_errors(kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        data_config(loaded(), **kwargs)
+
+
+def test_parse_floats():
+    assert parse_floats("0.5,0.5,0.5") == (0.5, 0.5, 0.5)
+    assert parse_floats(" 0.1 0.2, 0.3 ") == (0.1, 0.2, 0.3)
+    for bad in ("", "a,b,c", "0.5,,nan"):
+        with pytest.raises(ConfigError, match=r"--std .* is not a list of numbers; e.g. --std 0.485"):
+            parse_floats(bad, "--std")
+
+
+def test_grayscale_input(tmp_path):
+    make_tree(tmp_path, per_class=1, size=8)
+    size, mean, std = data_config(None, input_size=(1, 8, 8))
+    x, _ = all_batches(build_eval_loader(tmp_path, size, mean, std, workers=0))
+    assert x.shape == (3, 1, 8, 8)

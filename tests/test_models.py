@@ -148,6 +148,19 @@ def test_input_sizes():
     assert load_model("resnet18", weights="none", input_size=[1, 96, 96]).input_size == (1, 96, 96)
 
 
+def test_normalization_comes_from_the_models_own_data_config():
+    imagenet = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    loaded = load_model("resnet18", weights="none")
+    preset = torchvision.models.ResNet18_Weights.DEFAULT.transforms()
+    assert (loaded.mean, loaded.std) == (tuple(preset.mean), tuple(preset.std)) == imagenet
+    # torchvision's one model trained on other statistics, read from its weights enum (no model built)
+    assert models._normalization("torchvision", "efficientnet_v2_l", None) == ((0.5,) * 3, (0.5,) * 3)
+    mobilevit = load_model("timm:mobilevit_xxs", weights="none")  # timm: trained on unnormalised pixels
+    assert (mobilevit.input_size, mobilevit.mean, mobilevit.std) == ((3, 256, 256), (0.0,) * 3, (1.0,) * 3)
+    assert (load_model("timm:resnet10t", weights="none").mean, load_model(TINY).std) == imagenet
+    assert models._normalization("timm", "x", torch.nn.Linear(2, 2)) == imagenet  # no data config
+
+
 def test_list_model_names():
     names = list_model_names()
     assert "resnet50" in names and "resnet10t" in names
