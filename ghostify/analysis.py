@@ -30,6 +30,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from ghostify.evaluate import EvalResult
 from ghostify.modes import eval_mode
 from ghostify.rewrite.result import ConversionResult
 
@@ -399,6 +400,9 @@ class ConversionReport:
         sites: one row per replaced site, in conversion order.
         skipped: (module name, why it was left alone).
         notes: free-form remarks from the conversion.
+        accuracy: measured accuracy per stage, in the order measured ("original", "converted",
+            "calibrated", "distilled"...), each {"top1": %, "top5": %, "images": n}; empty when no labelled
+            data was given (see `set_accuracy`).
     """
 
     model: str
@@ -408,6 +412,7 @@ class ConversionReport:
     sites: list[SiteRow] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    accuracy: dict[str, dict[str, float]] = field(default_factory=dict)
 
     @property
     def macs_ratio(self) -> float | None:
@@ -439,6 +444,7 @@ class ConversionReport:
             "sites": [{**asdict(s), "macs_ratio": s.macs_ratio} for s in self.sites],
             "skipped": [{"name": n, "why": w} for n, w in self.skipped],
             "notes": list(self.notes),
+            "accuracy": {stage: dict(acc) for stage, acc in self.accuracy.items()},
             "conventions": {**CONVENTIONS, "latency_conditions": self._latency_conditions()},
         }
 
@@ -450,6 +456,14 @@ class ConversionReport:
             f"median of {lat.runs} runs at batch {lat.batch_size} with {lat.threads} threads "
             f"on {lat.device} after {lat.warmup} warm-up runs"
         )
+
+
+def set_accuracy(report: ConversionReport, stage: str, result: EvalResult) -> None:
+    """Record `result` as the accuracy of `stage` ("original", "converted", "calibrated", "distilled"...).
+
+    Stages are shown in the order they were first set; setting one again replaces its figures in place.
+    """
+    report.accuracy[stage] = {"top1": result.top1, "top5": result.top5, "images": result.images}
 
 
 def _site_row(site: Any, before: ModelStats, after: ModelStats) -> SiteRow:

@@ -87,7 +87,7 @@ def _title(report: ConversionReport) -> str:
 
 def _summary_rows(report: ConversionReport, dash: str) -> list[tuple[str, str, str, str]]:
     b, a = report.before, report.after
-    return [
+    rows = [
         ("params", format_count(b.params), format_count(a.params), _fewer(report.params_ratio)),
         ("MACs", format_count(b.macs), format_count(a.macs), _fewer(report.macs_ratio)),
         (
@@ -97,6 +97,62 @@ def _summary_rows(report: ConversionReport, dash: str) -> list[tuple[str, str, s
             _faster(report.latency_speedup),
         ),
     ]
+    if report.accuracy:
+        before = report.accuracy.get("original")
+        stage = _result_stage(report)
+        after = report.accuracy[stage] if stage else None
+        for key, label in (("top1", "top-1"), ("top5", "top-5")):
+            old = before[key] if before else None
+            new = after[key] if after else None
+            change = _points(new - old) if old is not None and new is not None else "-"
+            rows.append((label, _percent(old), _percent(new), change))
+    return rows
+
+
+def _result_stage(report: ConversionReport) -> str | None:
+    """The stage the "after" column shows: the last one measured other than the original."""
+    stages = [s for s in report.accuracy if s != "original"]
+    return stages[-1] if stages else None
+
+
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}%"
+
+
+def _points(delta: float) -> str:
+    """An accuracy change in percentage points: "+1.23 pts", "-0.52 pts", "same"."""
+    return "same" if round(delta, 2) == 0 else f"{delta:+.2f} pts"
+
+
+def _accuracy_conditions(report: ConversionReport) -> str | None:
+    if not report.accuracy:
+        return None
+    stage = _result_stage(report)
+    shown = [s for s in ("original", stage) if s in report.accuracy]
+    counts = {s: int(report.accuracy[s].get("images", 0)) for s in shown}
+    if len(set(counts.values())) == 1:
+        images = f"{next(iter(counts.values())):,} labelled images"
+    else:
+        images = " / ".join(f"{n:,} ({s})" for s, n in counts.items()) + " labelled images"
+    after = f"; after = {stage}" if stage else ""
+    return f"accuracy: top-1 / top-5 in % on {images}{after}"
+
+
+_ACCURACY_HEADERS = ("stage", "top-1", "top-5", "images", "top-1 vs original")
+
+
+def _accuracy_rows(report: ConversionReport) -> list[tuple[str, ...]]:
+    """One row per stage, when there are more than the two the summary table shows."""
+    if len(report.accuracy) <= 2:
+        return []
+    original = report.accuracy.get("original")
+    rows = []
+    for stage, acc in report.accuracy.items():
+        vs = "-" if original is None or stage == "original" else _points(acc["top1"] - original["top1"])
+        rows.append(
+            (stage, _percent(acc["top1"]), _percent(acc["top5"]), f"{int(acc.get('images', 0)):,}", vs)
+        )
+    return rows
 
 
 def _site_cells(row: SiteRow, arrow: str) -> tuple[str, ...]:
@@ -159,10 +215,11 @@ def render_plain(report: ConversionReport, max_rows: int | None = 40) -> str:
     """The report as plain ASCII text (no colour, no box drawing), stable for scripts and tests."""
     lines = [_title(report), ""]
     lines += _plain_table(("", "before", "after", "change"), _summary_rows(report, "-"))
-    conditions = _conditions(report)
-    if conditions:
-        lines.append(conditions)
+    lines += [c for c in (_conditions(report), _accuracy_conditions(report)) if c]
     lines.append("")
+    accuracy = _accuracy_rows(report)
+    if accuracy:
+        lines += [*_plain_table(_ACCURACY_HEADERS, accuracy), ""]
     if report.sites:
         shown, hidden = _shown_sites(report, max_rows)
         rows = [_site_cells(r, "->") for r in shown]
@@ -185,12 +242,19 @@ def _rich_render(report: ConversionReport, console: Console, max_rows: int | Non
     summary.add_column("after", justify="right")
     summary.add_column("change", justify="right", style="bold")
     for label, before, after, change in _summary_rows(report, "–"):
-        style = "green" if ("fewer" in change or "faster" in change) else "red" if change != "-" else ""
-        summary.add_row(label, before, after, f"[{style}]{change}[/]" if style else change)
+        summary.add_row(label, before, after, _styled(change))
     console.print(summary)
-    conditions = _conditions(report)
-    if conditions:
-        console.print(f"[dim]{escape(conditions)}[/]", highlight=False)
+    for conditions in (_conditions(report), _accuracy_conditions(report)):
+        if conditions:
+            console.print(f"[dim]{escape(conditions)}[/]", highlight=False)
+    accuracy = _accuracy_rows(report)
+    if accuracy:
+        table = Table(title="accuracy by stage", box=box.SIMPLE)
+        for header in _ACCURACY_HEADERS:
+            table.add_column(header, justify="left" if header == "stage" else "right")
+        for stage, *cells, vs in accuracy:
+            table.add_row(escape(stage), *cells, _styled(vs))
+        console.print(table)
 
     if report.sites:
         shown, hidden = _shown_sites(report, max_rows)
@@ -214,6 +278,14 @@ def _rich_render(report: ConversionReport, console: Console, max_rows: int | Non
         console.print(line, markup=False, highlight=False)
     for note in report.notes:
         console.print(f"[yellow]note:[/] {escape(note)}", highlight=False)
+
+
+def _styled(change: str) -> str:
+    """A change cell in rich markup: green when better, red when worse, plain when unchanged or unknown."""
+    if change in ("-", "same"):
+        return change
+    better = "fewer" in change or "faster" in change or change.startswith("+")
+    return f"[{'green' if better else 'red'}]{change}[/]"
 
 
 def render(report: ConversionReport, console: Console | None = None, max_rows: int | None = 40) -> None:
@@ -283,13 +355,17 @@ def _md_table(headers: tuple[str, ...], rows: list[tuple[str, ...]], right: set[
 
 
 def to_markdown(report: ConversionReport) -> str:
-    """The report as Markdown: a summary table, the latency conditions, every site, skipped sites, notes."""
+    """The report as Markdown: a summary table, the measurement conditions, accuracy by stage (when more
+    than two stages were measured), every site, skipped sites, notes."""
     lines = [f"## {_title(report)}", ""]
     lines += _md_table(("", "before", "after", "change"), _summary_rows(report, "–"), {1, 2, 3})
-    conditions = _conditions(report)
-    if conditions:
-        lines += ["", f"_{conditions}_"]
+    for conditions in (_conditions(report), _accuracy_conditions(report)):
+        if conditions:
+            lines += ["", f"_{conditions}_"]
     lines.append("")
+    accuracy = _accuracy_rows(report)
+    if accuracy:
+        lines += ["### Accuracy", "", *_md_table(_ACCURACY_HEADERS, accuracy, {1, 2, 3, 4}), ""]
     if report.sites:
         rows = [_site_cells(r, "→") for r in report.sites]
         total = tuple(f"**{c}**" if c else "" for c in _total_cells(report, "→"))

@@ -21,8 +21,10 @@ from ghostify.analysis import (
     count_macs,
     count_params,
     measure_latency,
+    set_accuracy,
 )
 from ghostify.config import ConvertConfig
+from ghostify.evaluate import EvalResult
 from ghostify.rewrite.result import ConversionResult, SiteRecord
 
 
@@ -216,3 +218,15 @@ def test_report_to_dict_is_json_able() -> None:
     assert "FLOPs / 2" in data["conventions"]["macs"]
     assert data["sites"][0]["macs_before"] == report.sites[0].macs_before
     assert data["before"]["input_shape"] == [1, 3, 8, 8]
+
+
+def test_set_accuracy_goes_into_to_dict() -> None:
+    original = TinyNet()
+    report = build_report(original, _fake_conversion(original), "tiny", (1, 3, 8, 8), latency=False)
+    assert report.accuracy == {} and report.to_dict()["accuracy"] == {}
+    set_accuracy(report, "original", EvalResult(top1=76.0, top5=93.0, images=100, seconds=2.0))
+    set_accuracy(report, "converted", EvalResult(top1=1.0, top5=5.0, images=100, seconds=2.0))
+    set_accuracy(report, "original", EvalResult(top1=76.5, top5=93.5, images=200, seconds=2.0))  # replaced
+    data = json.loads(json.dumps(report.to_dict()))
+    assert list(data["accuracy"]) == ["original", "converted"]
+    assert data["accuracy"]["original"] == {"top1": 76.5, "top5": 93.5, "images": 200}

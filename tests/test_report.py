@@ -8,7 +8,8 @@ import json
 import pytest
 from rich.console import Console
 
-from ghostify.analysis import ConversionReport, LatencyStats, ModelStats, SiteRow
+from ghostify.analysis import ConversionReport, LatencyStats, ModelStats, SiteRow, set_accuracy
+from ghostify.evaluate import EvalResult
 from ghostify.report import format_count, render, to_markdown, write_json
 
 BOX_CHARS = set("─│┃━┏┓┗┛┡┩╇╋┼├┤┬┴╭╮╰╯═║╔╗╚╝")
@@ -149,3 +150,99 @@ def test_to_markdown_has_tables() -> None:
     assert "| layer1.0.conv2 | c-ghost |" in md
     assert "### Skipped (7)" in md and "- `skip6`: reason 6" in md
     assert "### Notes" in md
+
+
+def _with_accuracy(*stages: str) -> ConversionReport:
+    report = _report()
+    figures = {
+        "original": (76.13, 92.86),
+        "converted": (0.52, 2.10),
+        "calibrated": (41.00, 66.50),
+        "distilled": (75.61, 92.70),
+    }
+    for stage in stages:
+        top1, top5 = figures[stage]
+        set_accuracy(report, stage, EvalResult(top1=top1, top5=top5, images=50_000, seconds=1.0))
+    return report
+
+
+def _plain(report: ConversionReport) -> str:
+    buf = io.StringIO()
+    render(report, Console(file=buf, width=160))
+    return buf.getvalue()
+
+
+def test_render_plain_accuracy_rows_for_original_vs_result() -> None:
+    out = _plain(_with_accuracy("original", "distilled"))
+    assert out.isascii()
+    lines = out.splitlines()
+    top1 = next(line for line in lines if line.startswith("top-1"))
+    assert top1.split() == ["top-1", "76.13%", "75.61%", "-0.52", "pts"]
+    top5 = next(line for line in lines if line.startswith("top-5"))
+    assert top5.split() == ["top-5", "92.86%", "92.70%", "-0.16", "pts"]
+    assert "accuracy: top-1 / top-5 in % on 50,000 labelled images; after = distilled" in out
+    assert "stage" not in out  # two stages: the summary table says it all
+
+
+def test_render_plain_accuracy_table_for_every_stage() -> None:
+    out = _plain(_with_accuracy("original", "converted", "calibrated", "distilled"))
+    lines = out.splitlines()
+    header = next(line for line in lines if line.startswith("stage"))
+    assert header.split() == ["stage", "top-1", "top-5", "images", "top-1", "vs", "original"]
+    assert next(line for line in lines if line.startswith("original ")).split()[-1] == "-"
+    calibrated = next(line for line in lines if line.startswith("calibrated"))
+    assert calibrated.split() == ["calibrated", "41.00%", "66.50%", "50,000", "-35.13", "pts"]
+    # Summary rows compare the original with the last stage measured.
+    assert next(line for line in lines if line.startswith("top-1")).split()[2] == "75.61%"
+    assert lines.index(header) < next(i for i, line in enumerate(lines) if line.startswith("name"))
+
+
+def test_accuracy_without_original_or_result() -> None:
+    out = _plain(_with_accuracy("original"))
+    assert next(line for line in out.splitlines() if line.startswith("top-1")).split() == [
+        "top-1",
+        "76.13%",
+        "-",
+        "-",
+    ]
+    assert "after =" not in out
+    out = _plain(_with_accuracy("distilled"))
+    assert next(line for line in out.splitlines() if line.startswith("top-1")).split()[1:3] == ["-", "75.61%"]
+
+
+def test_no_accuracy_leaves_the_output_as_it_was() -> None:
+    out = _plain(_report())
+    assert "top-1" not in out and "accuracy" not in out
+    assert "top-1" not in to_markdown(_report())
+
+
+def test_render_rich_accuracy() -> None:
+    buf = io.StringIO()
+    report = _with_accuracy("original", "converted", "calibrated", "distilled")
+    render(report, Console(file=buf, width=160, force_terminal=True, color_system="truecolor"))
+    out = buf.getvalue()
+    assert "\x1b[" in out
+    for text in (
+        "top-1",
+        "76.13%",
+        "75.61%",
+        "-0.52 pts",
+        "accuracy by stage",
+        "calibrated",
+        "after = distilled",
+    ):
+        assert text in out
+
+
+def test_markdown_and_json_accuracy(tmp_path) -> None:
+    report = _with_accuracy("original", "converted", "distilled")
+    md = to_markdown(report)
+    assert "| top-1 | 76.13% | 75.61% | -0.52 pts |" in md
+    assert "_accuracy: top-1 / top-5 in % on 50,000 labelled images; after = distilled_" in md
+    assert "### Accuracy" in md and "| converted | 0.52% | 2.10% | 50,000 | -75.61 pts |" in md
+    assert "### Accuracy" not in to_markdown(_with_accuracy("original", "distilled"))
+
+    write_json(report, tmp_path / "r.json")
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert list(data["accuracy"]) == ["original", "converted", "distilled"]
+    assert data["accuracy"]["distilled"] == {"top1": 75.61, "top5": 92.70, "images": 50_000}
