@@ -19,6 +19,7 @@ from ghostify.errors import (
     FormatError,
     GhostifyError,
     ModelLoadError,
+    TrainingError,
 )
 from ghostify.io import load, save
 from ghostify.rewrite import ConversionResult, convert_model
@@ -57,18 +58,27 @@ def convert(
     return convert_model(model, config, example_inputs=example_inputs).model
 
 
+# `ghostify.distill` is the subpackage and, being callable, also `ghostify.distill(student, teacher, ...)`.
+from ghostify import distill  # noqa: E402
+from ghostify.distill import DistillConfig, DistillData, DistillResult  # noqa: E402
+
 __all__ = [
     "ConfigError",
     "ConversionError",
     "ConversionResult",
     "ConvertConfig",
     "DataError",
+    "DistillConfig",
+    "DistillData",
+    "DistillResult",
     "FormatError",
     "GhostifyError",
     "ModelLoadError",
+    "TrainingError",
     "__version__",
     "convert",
     "convert_model",
+    "distill",
     "load",
     "save",
 ]

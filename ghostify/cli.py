@@ -12,12 +12,15 @@ import re
 import sys
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 
 from ghostify.errors import ConfigError, GhostifyError
+
+if TYPE_CHECKING:
+    from ghostify.distill.config import DistillConfig
 
 HELP = """Make a CNN cheaper with GhostNet's C-Ghost / G-Ghost ideas, and show what it gained.
 
@@ -39,9 +42,46 @@ app = typer.Typer(
     rich_markup_mode=None,
     pretty_exceptions_enable=False,
 )
-SUBCOMMANDS = ("convert", "report")
+SUBCOMMANDS = ("convert", "report", "distill", "export")
 console = Console(stderr=False)
 err_console = Console(stderr=True)
+
+
+# ------------------------------------------------------------------ options shared by convert and distill
+DataOpt = Annotated[
+    Path | None,
+    typer.Option(help="Image folder with train/ and val/ (or test/): calibrate + distil + accuracy."),
+]
+EpochsOpt = Annotated[float, typer.Option(help="End-to-end distillation epochs (0 skips).")]
+StepsOpt = Annotated[int | None, typer.Option(help="End-to-end steps (overrides --epochs).")]
+BlockEpochsOpt = Annotated[float, typer.Option(help="Block-wise distillation epochs (0 skips).")]
+BlockStepsOpt = Annotated[int | None, typer.Option(help="Block-wise steps (overrides --blockwise-epochs).")]
+CalibOpt = Annotated[int, typer.Option(help="Batches for the closed-form calibration (0 skips).")]
+BatchOpt = Annotated[int, typer.Option(help="Training / evaluation batch size (per process).")]
+LrOpt = Annotated[float | None, typer.Option(help="Peak lr [default: 0.05 sgd / 1e-3 adamw, x batch/128].")]
+OptimOpt = Annotated[str, typer.Option(help="sgd or adamw (end-to-end phase).")]
+WdOpt = Annotated[float | None, typer.Option(help="Weight decay [default: 5e-4 sgd / 0.05 adamw].")]
+TempOpt = Annotated[float, typer.Option(help="KD temperature T.")]
+KdOpt = Annotated[float, typer.Option(help="Weight of the KL term on softened logits.")]
+CeOpt = Annotated[float, typer.Option(help="Weight of the cross-entropy on labels.")]
+FeatOpt = Annotated[float, typer.Option(help="Weight of the feature MSE at converted sites (0 = off).")]
+ClipOpt = Annotated[float | None, typer.Option(help="Clip the gradient norm to this.")]
+CkptOpt = Annotated[int, typer.Option(help="Write a checkpoint every N steps.")]
+WorkersOpt = Annotated[int, typer.Option(help="Data-loading worker processes.")]
+SeedOpt = Annotated[int, typer.Option(help="Seed for data order and subsets.")]
+AmpOpt = Annotated[str, typer.Option(help="CUDA mixed precision: auto, bf16, fp16 or off.")]
+LimitTrainOpt = Annotated[int | None, typer.Option(help="Train on a fixed subset of this many images.")]
+LimitValOpt = Annotated[int | None, typer.Option(help="Evaluate on a fixed subset of this many images.")]
+MeanOpt = Annotated[str | None, typer.Option(help="Normalisation mean, e.g. 0.485,0.456,0.406.")]
+StdOpt = Annotated[str | None, typer.Option(help="Normalisation std, e.g. 0.229,0.224,0.225.")]
+ResumeOpt = Annotated[bool, typer.Option(help="Continue the interrupted run in the output folder.")]
+DeviceOpt = Annotated[str | None, typer.Option(help="cpu or cuda [default: cuda when available].")]
+
+
+def _distill_config(**options) -> DistillConfig:  # noqa: ANN003
+    from ghostify.distill.config import DistillConfig
+
+    return DistillConfig(**options)
 
 
 def _parse_input_size(text: str | None) -> tuple[int, int, int] | None:
@@ -74,9 +114,15 @@ def _spec_for_recipe(spec: str) -> str:
     return spec
 
 
-def _report_conversion(original, result, name, shape, latency, repeats, warmup, threads, json_path):  # noqa: ANN001
-    """Measure original vs converted (interleaved), print the report, write --json; return the report."""
-    from ghostify.analysis import build_report
+def _report_conversion(
+    original, result, name, shape, latency, repeats, warmup, threads, json_path, outcome=None
+):  # noqa: ANN001, E501
+    """Measure original vs converted (interleaved), print the report, write --json; return the report.
+
+    `outcome` (a DistillResult) adds the accuracy of each stage of a distillation run.
+    """
+    from ghostify.analysis import build_report, set_accuracy
+    from ghostify.recovery import REPORT_STAGES
     from ghostify.report import render, write_json
 
     with err_console.status("Measuring params, MACs and latency (original and converted, interleaved)..."):
@@ -90,6 +136,9 @@ def _report_conversion(original, result, name, shape, latency, repeats, warmup, 
             warmup=warmup,
             threads=threads,
         )
+    for stage, label in REPORT_STAGES.items():
+        if outcome is not None and stage in outcome.accuracy:
+            set_accuracy(report, label, outcome.accuracy[stage])
     render(report, console)
     if json_path is not None:
         write_json(report, json_path)
@@ -119,7 +168,7 @@ def convert_cmd(
     ] = "default",
     num_classes: Annotated[int | None, typer.Option(help="Classifier size of the source model.")] = None,
     input_size: Annotated[
-        str | None, typer.Option(help="C,H,W (or one size) for analysis; default: the model's.")
+        str | None, typer.Option(help="C,H,W (or one size) for analysis and data; default: the model's.")
     ] = None,
     out: Annotated[
         Path | None, typer.Option(help="Output folder [default: ghostify-out/NAME-MODE-sRATIO].")
@@ -129,19 +178,48 @@ def convert_cmd(
         Path | None, typer.Option("--json", help="Also write the report as JSON here.")
     ] = None,
     latency: Annotated[bool, typer.Option(help="Measure CPU latency before/after.")] = True,
-    batch_size: Annotated[int, typer.Option(help="Batch size for the latency measurement.")] = 1,
+    latency_batch: Annotated[int, typer.Option(help="Batch size for the latency measurement.")] = 1,
     threads: Annotated[int | None, typer.Option(help="Torch threads for latency [default: torch's].")] = None,
     repeats: Annotated[int, typer.Option(help="Timed runs per model (median reported).")] = 20,
     warmup: Annotated[int, typer.Option(help="Untimed warm-up runs per model.")] = 5,
+    data: DataOpt = None,
+    epochs: EpochsOpt = 1.0,
+    steps: StepsOpt = None,
+    blockwise_epochs: BlockEpochsOpt = 1.0,
+    blockwise_steps: BlockStepsOpt = None,
+    calib_batches: CalibOpt = 8,
+    batch_size: BatchOpt = 128,
+    lr: LrOpt = None,
+    optimizer: OptimOpt = "sgd",
+    weight_decay: WdOpt = None,
+    temperature: TempOpt = 4.0,
+    kd_weight: KdOpt = 1.0,
+    ce_weight: CeOpt = 1.0,
+    feature_weight: FeatOpt = 0.0,
+    clip_grad: ClipOpt = 5.0,
+    checkpoint_every: CkptOpt = 200,
+    workers: WorkersOpt = 2,
+    seed: SeedOpt = 0,
+    amp: AmpOpt = "auto",
+    limit_train: LimitTrainOpt = None,
+    limit_val: LimitValOpt = None,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
+    resume: ResumeOpt = False,
+    device: DeviceOpt = None,
 ) -> None:
     """Convert MODEL, report params / MACs / measured latency before and after, and save the result.
+
+    With --data DIR it then wins the accuracy back: calibration, block-wise and end-to-end distillation
+    from the original model, with checkpoints in the output folder and accuracy in the report.
 
     Example: ghostify resnet50 --mode c-ghost --ratio 2
     """
     import torch
 
     from ghostify.config import ConvertConfig
-    from ghostify.io import check_output_dir, make_recipe, save
+    from ghostify.distill.distributed import init_world
+    from ghostify.io import RECIPE_FILE, check_output_dir, make_recipe, replay, save
     from ghostify.models import load_model
     from ghostify.report import to_markdown
     from ghostify.rewrite import convert_model
@@ -157,36 +235,116 @@ def convert_cmd(
         mix=mix,
         stages=[s.strip() for s in stages.split(",")] if stages else None,
     )
-    if batch_size < 1 or repeats < 1 or warmup < 0:
-        raise ConfigError("--batch-size and --repeats must be >= 1, --warmup >= 0.")
+    if latency_batch < 1 or repeats < 1 or warmup < 0:
+        raise ConfigError("--latency-batch and --repeats must be >= 1, --warmup >= 0.")
     size = _parse_input_size(input_size)
-    if out is not None:
+    distill_config = None
+    if data is not None:
+        distill_config = _distill_config(
+            epochs=epochs, steps=steps, blockwise_epochs=blockwise_epochs, blockwise_steps=blockwise_steps,
+            calib_batches=calib_batches, batch_size=batch_size, lr=lr, optimizer=optimizer,
+            weight_decay=weight_decay, temperature=temperature, kd_weight=kd_weight, ce_weight=ce_weight,
+            feature_weight=feature_weight, clip_grad=clip_grad, checkpoint_every=checkpoint_every,
+            workers=workers, seed=seed, amp=amp, limit_train=limit_train, limit_val=limit_val,
+        )  # fmt: skip
+    elif resume:
+        raise ConfigError("--resume continues a distillation run: give --data DIR as well.")
+    resuming = resume and out is not None and (out / RECIPE_FILE).is_file()
+    if out is not None and not resuming:
         check_output_dir(out, force=force)
+    world = init_world(device) if data is not None else None
+    main_rank = world is None or world.is_main
 
     with err_console.status(f"Loading {model}..."):
         loaded = load_model(model, weights=weights, num_classes=num_classes, input_size=size)
-    for note in loaded.notes:
-        err_console.print(f"[yellow]note:[/] {note}", highlight=False)
+    if main_rank:
+        for note in loaded.notes:
+            err_console.print(f"[yellow]note:[/] {note}", highlight=False)
     out = out if out is not None else _default_out(loaded.name, config.mode, config.ratio)
-    # random, not zeros: G-Ghost fits its cheap path on the example's features
-    example = torch.randn(batch_size, *loaded.input_size, generator=torch.Generator().manual_seed(0))
-
-    start = time.perf_counter()
-    with err_console.status(f"Converting {loaded.name} ({config.mode}, ratio {config.ratio})..."):
-        result = convert_model(loaded.model, config, example_inputs=example[:1])
-    err_console.print(
-        f"converted {len(result.sites)} sites in {time.perf_counter() - start:.1f} s", highlight=False
-    )
-    report = _report_conversion(
-        loaded.model, result, model, tuple(example.shape), latency, repeats, warmup, threads, json_path
-    )
     recipe = make_recipe(
         _spec_for_recipe(model), config, loaded.num_classes, loaded.input_size, source_weights=loaded.weights
     )
+    # random, not zeros: G-Ghost fits its cheap path on the example's features
+    example = torch.randn(latency_batch, *loaded.input_size, generator=torch.Generator().manual_seed(0))
+    shape = tuple(example.shape)
 
-    extra = {"report.json": json.dumps(report.to_dict(), indent=2) + "\n", "report.md": to_markdown(report)}
-    save(result.model, out, recipe, extra_files=extra, force=force)
-    console.print(f"saved to {out}  (load it with ghostify.load({str(out)!r}))", highlight=False)
+    if resuming:
+        _, result, recipe = replay(out)
+        _check_same_run(recipe, _spec_for_recipe(model), config, out)
+        err_console.print(f"resuming the run in {out}", highlight=False)
+    else:
+        start = time.perf_counter()
+        with err_console.status(f"Converting {loaded.name} ({config.mode}, ratio {config.ratio})..."):
+            result = convert_model(loaded.model, config, example_inputs=example[:1])
+        if main_rank:
+            err_console.print(
+                f"converted {len(result.sites)} sites in {time.perf_counter() - start:.1f} s", highlight=False
+            )
+            report = _report_conversion(
+                loaded.model, result, model, shape, latency, repeats, warmup, threads, json_path
+            )
+            extra = {
+                "report.json": json.dumps(report.to_dict(), indent=2) + "\n",
+                "report.md": to_markdown(report),
+            }
+            save(result.model, out, recipe, extra_files=extra, force=force)
+            console.print(f"saved to {out}  (load it with ghostify.load({str(out)!r}))", highlight=False)
+        if world is not None:
+            world.barrier()
+    if data is None or world is None or distill_config is None:
+        return
+    try:
+        _distill_into(out, loaded, result, recipe, data, distill_config, world, resume, mean, std,
+                      (shape, latency, repeats, warmup, threads, json_path))  # fmt: skip
+    finally:
+        world.close()
+
+
+def _check_same_run(recipe, spec: str, config, out: Path) -> None:  # noqa: ANN001
+    """--resume must name the model and options the folder was converted with."""
+    from ghostify.errors import FormatError
+
+    if recipe.model_spec != spec or recipe.convert != config.to_dict():
+        what = "model" if recipe.model_spec != spec else "conversion options"
+        raise FormatError(
+            f"{out} holds a run of another {what} ({recipe.model_spec}, {recipe.convert.get('mode')} "
+            f"ratio {recipe.convert.get('ratio')}); resume with the same MODEL and options, or choose "
+            "another --out."
+        )
+
+
+def _distill_into(out, loaded, result, recipe, data_dir, config, world, resume, mean, std, report_args):  # noqa: ANN001
+    """Open the data, distil with checkpoints in `out`, then (rank 0) write the report with accuracy."""
+    from ghostify.data import data_config, parse_floats
+    from ghostify.recovery import open_data, recipe_entry, recover, write_results
+
+    size, mean3, std3 = data_config(
+        loaded,
+        input_size=recipe.input_size,
+        mean=parse_floats(mean, "--mean") if mean else None,
+        std=parse_floats(std, "--std") if std else None,
+    )
+    data, notes = open_data(data_dir, loaded.model, size, mean3, std3, config, world)
+    if world.is_main:
+        for note in notes:
+            err_console.print(f"[yellow]note:[/] {note}", highlight=False)
+    outcome = recover(out, loaded.model, result, recipe, data, config, world, resume=resume)
+    if not world.is_main:
+        return
+    for note in outcome.notes:
+        err_console.print(f"[yellow]note:[/] {note}", highlight=False)
+    shape, latency, repeats, warmup, threads, json_path = report_args
+    report = _report_conversion(loaded.model, result, recipe.model_spec, shape, latency, repeats, warmup,
+                                threads, None, outcome=outcome)  # fmt: skip
+    write_results(Path(out), report, recipe, recipe_entry(config, outcome, data_dir))
+    if json_path is not None:
+        from ghostify.report import write_json
+
+        write_json(report, json_path)
+    minutes = outcome.seconds / 60
+    console.print(
+        f"distilled in {minutes:.1f} min; saved to {out} (history.json, history.png)", highlight=False
+    )
 
 
 @app.command("report")
@@ -198,7 +356,7 @@ def report_cmd(
     num_classes: Annotated[int | None, typer.Option(help="For a model spec: classifier size.")] = None,
     input_size: Annotated[str | None, typer.Option(help="C,H,W (or one size); default: the model's.")] = None,
     latency: Annotated[bool, typer.Option(help="Measure CPU latency.")] = True,
-    batch_size: Annotated[int, typer.Option(help="Batch size for the latency measurement.")] = 1,
+    latency_batch: Annotated[int, typer.Option(help="Batch size for the latency measurement.")] = 1,
     threads: Annotated[int | None, typer.Option(help="Torch threads for latency.")] = None,
     repeats: Annotated[int, typer.Option(help="Timed runs per model.")] = 20,
     json_path: Annotated[
@@ -218,7 +376,7 @@ def report_cmd(
     if Path(target).is_dir() or (Path(target) / RECIPE_FILE).exists():
         with err_console.status(f"Loading {target}..."):
             source, result, recipe = replay(target)
-        shape = (batch_size, *(size or recipe.input_size))
+        shape = (latency_batch, *(size or recipe.input_size))
         _report_conversion(source, result, recipe.model_spec, shape, latency, repeats, 5, threads, json_path)
         return
     with err_console.status(f"Loading {target}..."):
@@ -226,7 +384,7 @@ def report_cmd(
     with err_console.status("Measuring params, MACs and latency..."):
         stats = analyze(
             loaded.model,
-            input_shape=(batch_size, *loaded.input_size),
+            input_shape=(latency_batch, *loaded.input_size),
             latency=latency,
             repeats=repeats,
             threads=threads,
@@ -236,6 +394,83 @@ def report_cmd(
         from ghostify.report import atomic_write_text
 
         atomic_write_text(json_path, json.dumps(stats.to_dict(), indent=2) + "\n")
+
+
+@app.command("distill")
+def distill_cmd(
+    target: Annotated[
+        Path, typer.Argument(help="A ghostify output folder (from `ghostify MODEL --out DIR`).")
+    ],
+    data: Annotated[Path, typer.Option(help="Image folder with train/ and val/ (or test/).")],
+    teacher_weights: Annotated[
+        str | None, typer.Option(help="Weights of the original model [default: those it was converted from].")
+    ] = None,
+    epochs: EpochsOpt = 1.0,
+    steps: StepsOpt = None,
+    blockwise_epochs: BlockEpochsOpt = 1.0,
+    blockwise_steps: BlockStepsOpt = None,
+    calib_batches: CalibOpt = 8,
+    batch_size: BatchOpt = 128,
+    lr: LrOpt = None,
+    optimizer: OptimOpt = "sgd",
+    weight_decay: WdOpt = None,
+    temperature: TempOpt = 4.0,
+    kd_weight: KdOpt = 1.0,
+    ce_weight: CeOpt = 1.0,
+    feature_weight: FeatOpt = 0.0,
+    clip_grad: ClipOpt = 5.0,
+    checkpoint_every: CkptOpt = 200,
+    workers: WorkersOpt = 2,
+    seed: SeedOpt = 0,
+    amp: AmpOpt = "auto",
+    limit_train: LimitTrainOpt = None,
+    limit_val: LimitValOpt = None,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
+    resume: ResumeOpt = False,
+    device: DeviceOpt = None,
+    latency: Annotated[bool, typer.Option(help="Measure CPU latency for the final report.")] = True,
+    latency_batch: Annotated[int, typer.Option(help="Batch size for the latency measurement.")] = 1,
+    threads: Annotated[int | None, typer.Option(help="Torch threads for latency.")] = None,
+    repeats: Annotated[int, typer.Option(help="Timed runs per model.")] = 20,
+) -> None:
+    """Calibrate and distil a saved ghost model in place, with its original model as teacher.
+
+    Example: ghostify distill ghostify-out/resnet50-c-ghost-s2 --data ~/imagenet --epochs 1
+    """
+    from ghostify.distill.distributed import init_world
+    from ghostify.io import replay
+    from ghostify.models import load_model
+
+    config = _distill_config(
+        epochs=epochs, steps=steps, blockwise_epochs=blockwise_epochs, blockwise_steps=blockwise_steps,
+        calib_batches=calib_batches, batch_size=batch_size, lr=lr, optimizer=optimizer,
+        weight_decay=weight_decay, temperature=temperature, kd_weight=kd_weight, ce_weight=ce_weight,
+        feature_weight=feature_weight, clip_grad=clip_grad, checkpoint_every=checkpoint_every,
+        workers=workers, seed=seed, amp=amp, limit_train=limit_train, limit_val=limit_val,
+    )  # fmt: skip
+    with err_console.status(f"Loading {target}..."):
+        _, result, recipe = replay(target)
+    source_weights = teacher_weights or recipe.source_weights
+    if source_weights in ("none", "unknown", "random"):
+        raise ConfigError(
+            f"{target} was converted from a model without trained weights ({recipe.source_weights}); "
+            "give the original's weights with --teacher-weights FILE."
+        )
+    with err_console.status(f"Loading the teacher {recipe.model_spec}..."):
+        loaded = load_model(
+            recipe.model_spec,
+            weights=source_weights,
+            num_classes=recipe.num_classes,
+            input_size=recipe.input_size,
+        )
+    world = init_world(device)
+    shape = (latency_batch, *recipe.input_size)
+    try:
+        _distill_into(target, loaded, result, recipe, data, config, world, resume, mean, std,
+                      (shape, latency, repeats, 2, threads, None))  # fmt: skip
+    finally:
+        world.close()
 
 
 def main(argv: list[str] | None = None) -> None:

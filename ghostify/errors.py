@@ -27,3 +27,7 @@ class DataError(GhostifyError):
 
 class FormatError(GhostifyError):
     """A folder is not a ghostify output, or was written by a newer format version."""
+
+
+class TrainingError(GhostifyError):
+    """Training cannot go on (e.g. the loss became NaN); the last good checkpoint is kept."""

@@ -10,6 +10,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ghostify.modes import eval_mode
+
 __all__ = ["EvalResult", "evaluate"]
 
 
@@ -64,8 +66,8 @@ def evaluate(
 ) -> EvalResult:
     """Score `model` on every (images, labels) batch of `loader`, in eval mode and inference mode.
 
-    The model is moved to `device`; its train/eval mode is restored afterwards. Batches that are None
-    (every image unreadable) are ignored.
+    The model is moved to `device`; every module's train/eval flag is restored afterwards. Batches that
+    are None (every image unreadable) are ignored.
 
     Args:
         model: a classifier returning logits of shape (N, num_classes).
@@ -75,8 +77,7 @@ def evaluate(
         max_batches: stop after this many batches (for quick checks).
     """
     device = torch.device(device)
-    was_training = model.training
-    model.to(device).eval()
+    model.to(device)
     correct1 = torch.zeros((), dtype=torch.long, device=device)
     correct5 = torch.zeros((), dtype=torch.long, device=device)
     images = 0
@@ -87,7 +88,7 @@ def evaluate(
     try:
         if bar is not None:
             bar.start()
-        with torch.inference_mode():
+        with eval_mode(model), torch.inference_mode():
             for index, batch in enumerate(loader):
                 if max_batches is not None and index >= max_batches:
                     break
@@ -109,7 +110,6 @@ def evaluate(
     finally:
         if bar is not None:
             bar.stop()
-        model.train(was_training)
     seconds = time.perf_counter() - start
     if images == 0:
         return EvalResult(top1=0.0, top5=0.0, images=0, seconds=seconds)

@@ -1,0 +1,226 @@
+"""ghostify.distill: the phases learn, checkpoints resume to the same step, bad runs stop cleanly."""
+
+import copy
+import importlib.util
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+import ghostify
+from ghostify.config import ConvertConfig
+from ghostify.distill import DistillConfig, DistillData, refresh_bn_stats
+from ghostify.distill.blocks import find_blocks
+from ghostify.distill.checkpoint import STATE_FILE
+from ghostify.errors import ConfigError, DataError, FormatError, TrainingError
+from ghostify.rewrite import convert_model
+
+
+def _tiny_net(user_model_file):
+    spec = importlib.util.spec_from_file_location("user_model", user_model_file)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    torch.manual_seed(0)
+    net = module.tiny_net().eval()
+    with torch.no_grad():
+        net.fc.weight.mul_(30)  # confident logits: a KD signal worth learning from
+    refresh_bn_stats(
+        net, [_data().train.dataset.tensors[0]]
+    )  # BN statistics that fit the data, as if trained
+    return net
+
+
+@pytest.fixture
+def teacher(user_model_file):
+    return _tiny_net(user_model_file)
+
+
+def _data(n=64, labels=True, batch=16):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 3, 32, 32, generator=g)
+    y = torch.randint(0, 10, (n,), generator=g) if labels else torch.full((n,), -1)
+    return DistillData(
+        DataLoader(TensorDataset(x, y), batch_size=batch), DataLoader(TensorDataset(x, y), batch)
+    )
+
+
+def _config(**kw):
+    base = dict(
+        epochs=1,
+        blockwise_epochs=1,
+        batch_size=16,
+        calib_batches=1,
+        workers=0,
+        checkpoint_every=2,
+        log_every=1,
+    )
+    return DistillConfig(**{**base, **kw})
+
+
+def _converted(teacher, mode="c-ghost"):
+    return convert_model(teacher, ConvertConfig(mode=mode, ratio=2), example_inputs=torch.randn(2, 3, 32, 32))
+
+
+def test_blocks_pair_every_converted_site(teacher):
+    result = _converted(teacher)
+    blocks = find_blocks(result.model, teacher, result)
+    assert [b.name for b in blocks] == [s.name for s in result.sites]
+    assert all(b.teacher_in is teacher.get_submodule(b.name) for b in blocks)
+
+
+def test_all_phases_run(teacher):
+    result = _converted(teacher)
+    out = ghostify.distill(result, teacher, _data(), _config(steps=2, blockwise_steps=2), progress=False)
+    assert out.steps == {"blockwise": 2, "end-to-end": 2}
+    assert set(out.accuracy) == {"teacher", "converted", "calibrated", "blockwise", "distilled"}
+    assert out.calibration is not None and out.calibration.refitted == len(result.sites)
+    assert not out.model.training
+
+
+def _first_last(out, phase, part):
+    records = [r for r in out.history.records() if r.phase == phase]
+    return records[0].parts[part], records[-1].parts[part]
+
+
+def test_blockwise_learns(teacher):
+    result = _converted(teacher)
+    config = _config(calib_batches=0, blockwise_steps=8, steps=0, blockwise_lr=1e-2, warmup=0)
+    first, last = _first_last(
+        ghostify.distill(result, teacher, _data(), config, progress=False), "blockwise", "mse"
+    )
+    assert last < 0.9 * first
+
+
+def test_end_to_end_learns(teacher):
+    naive = convert_model(teacher, ConvertConfig(ratio=2, weight_init="random"))
+    config = _config(calib_batches=0, blockwise_steps=0, steps=8, ce_weight=0.0, optimizer="adamw")
+    first, last = _first_last(
+        ghostify.distill(naive, teacher, _data(), config, progress=False), "end-to-end", "kd"
+    )
+    assert last < 0.9 * first
+
+
+def test_teacher_is_not_changed(teacher):
+    before = copy.deepcopy(teacher.state_dict())
+    ghostify.distill(
+        _converted(teacher), teacher, _data(), _config(steps=2, blockwise_steps=2), progress=False
+    )
+    assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())
+    assert all(p.requires_grad for p in teacher.parameters())
+
+
+def test_g_ghost_and_feature_loss(user_model_file):
+    import sys
+
+    sys.path.insert(0, str(user_model_file.parents[2] / "examples"))
+    from cifar_resnet import resnet20
+
+    teacher = resnet20().eval()
+    result = _converted(teacher, "g-ghost")
+    out = ghostify.distill(
+        result, teacher, _data(32), _config(steps=2, blockwise_steps=2, feature_weight=1.0), progress=False
+    )
+    assert [b.kind for b in find_blocks(result.model, teacher, result)] == ["g-ghost"] * 3
+    assert "feature" in out.history.records()[-1].parts
+
+
+def test_unlabelled_data_trains_without_cross_entropy(teacher):
+    data = _data(labels=False)
+    data.val = None
+    out = ghostify.distill(
+        _converted(teacher), teacher, data, _config(steps=2, blockwise_steps=0), progress=False
+    )
+    assert "ce" not in out.history.records()[-1].parts
+    assert out.accuracy == {}
+    assert any("no validation split" in note for note in out.notes)
+
+
+def test_bare_module_skips_site_phases(teacher):
+    student = copy.deepcopy(teacher)
+    out = ghostify.distill(student, teacher, _data(), _config(steps=2), progress=False)
+    assert out.steps == {"end-to-end": 2}
+
+
+def test_checkpoints_resume_to_the_same_step(teacher, tmp_path, monkeypatch):
+    from ghostify.distill import trainer
+
+    result = _converted(teacher)
+    config = _config(steps=6, blockwise_steps=4)
+    calls = {"n": 0}
+    real = trainer.distill_loss
+
+    def crash_at_step_4(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "distill_loss", crash_at_step_4)
+    with pytest.raises(KeyboardInterrupt):
+        ghostify.distill(result, teacher, _data(), config, out_dir=tmp_path, progress=False)
+    state = torch.load(tmp_path / STATE_FILE, weights_only=False)
+    assert (state["phase"], state["step"]) == ("end-to-end", 2)
+    monkeypatch.setattr(trainer, "distill_loss", real)
+
+    fresh = _converted(teacher)  # a new process would rebuild the student from the saved folder
+    out = ghostify.distill(fresh, teacher, _data(), config, out_dir=tmp_path, resume=True, progress=False)
+    assert out.steps == {"blockwise": 4, "end-to-end": 6}
+    steps = [r.step for r in out.history.records() if r.phase == "end-to-end"]
+    assert steps == sorted(steps) and steps[-1] == 4 + 6
+    assert (tmp_path / "history.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_resume_refuses_another_run(teacher, tmp_path):
+    result = _converted(teacher)
+    ghostify.distill(
+        result, teacher, _data(), _config(steps=2, blockwise_steps=0), out_dir=tmp_path, progress=False
+    )
+    with pytest.raises(FormatError, match="from another run: --steps 2 \\(this run: 3\\)"):
+        ghostify.distill(
+            _converted(teacher), teacher, _data(), _config(steps=3, blockwise_steps=0), out_dir=tmp_path,
+            resume=True, progress=False,
+        )  # fmt: skip
+    with pytest.raises(FormatError, match="a different model"):
+        ghostify.distill(
+            copy.deepcopy(teacher), teacher, _data(), _config(steps=2, blockwise_steps=0), out_dir=tmp_path,
+            resume=True, progress=False,
+        )  # fmt: skip
+
+
+def test_nan_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(teacher, tmp_path, monkeypatch):
+    from ghostify.distill import trainer
+
+    real = trainer.distill_loss
+    calls = {"n": 0}
+
+    def nan_at_step_3(*args, **kwargs):
+        calls["n"] += 1
+        loss, parts = real(*args, **kwargs)
+        return (loss * float("nan") if calls["n"] == 3 else loss), parts
+
+    monkeypatch.setattr(trainer, "distill_loss", nan_at_step_3)
+    config = _config(steps=6, blockwise_steps=0)
+    with pytest.raises(TrainingError, match="NaN/inf at end-to-end step 3.*step 2 of end-to-end.*--resume"):
+        ghostify.distill(_converted(teacher), teacher, _data(), config, out_dir=tmp_path, progress=False)
+    state = torch.load(tmp_path / STATE_FILE, weights_only=False)
+    assert state["step"] == 2
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_batch_larger_than_data(teacher):
+    with pytest.raises(DataError, match="batch size 128 is larger than the 64"):
+        ghostify.distill(_converted(teacher), teacher, _data(), _config(batch_size=128), progress=False)
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"optimizer": "lion"}, "optimizer must be one of"),
+        ({"epochs": -1}, "--epochs must be >= 0"),
+        ({"kd_weight": 0, "ce_weight": 0}, "nothing to train on"),
+        ({"warmup": 1.5}, "--warmup"),
+    ],
+)
+def test_bad_options(options, message):
+    with pytest.raises(ConfigError, match=message):
+        DistillConfig(**options)
