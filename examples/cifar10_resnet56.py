@@ -1,0 +1,199 @@
+"""Win back a ghost ResNet-56's accuracy on CIFAR-10, next to the references a user would compare with.
+
+    python examples/cifar10_resnet56.py                        # every row, 2 epochs each, 10,000 test images
+    python examples/cifar10_resnet56.py --rows c-ghost         # only ghostify's C-Ghost row
+    python examples/cifar10_resnet56.py --limit-train 2048 --limit-val 1000 --epochs 0.5   # a quick look
+
+The pretrained ResNet-56 (../shared/data/pretrained) is the teacher. Rows, each with the same training
+budget (`--epochs` passes over the training images, batch 128, SGD + warm-up/cosine):
+
+- teacher: the pretrained model as it is;
+- teacher-ft: the teacher fine-tuned on this (JPEG) data with cross-entropy: the fair reference;
+- c-ghost / g-ghost: ghostify at s=2: converted (data-free inheritance), calibrated (closed form, 8
+  batches), then `--blockwise` epochs of block-wise and the rest of the budget end-to-end distillation
+  (KL on softened logits + cross-entropy) -- `ghostify.distill` with its defaults;
+- c-ghost-scratch: the same C-Ghost architecture from random weights, same budget and losses;
+- torch-pruning: the peer, Torch-Pruning (L2 group magnitude) on the blocks' inner channels pruned to
+  C-Ghost's MACs (option-A shortcuts block pruning the residual width), same budget and losses.
+
+Results go to `--json` after every row (a crash keeps the finished rows) and a Markdown table at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_SHARED = REPO_ROOT / ".." / "shared"
+
+try:
+    import ghostify  # noqa: F401
+except ImportError:  # running from a checkout without `pip install -e .`
+    sys.path.insert(0, str(REPO_ROOT))
+
+import cifar_resnet  # noqa: E402  (this file's neighbours)
+from cifar_pruning import prune_inner_channels  # noqa: E402
+
+import ghostify  # noqa: E402
+from ghostify.analysis import count_macs, count_params  # noqa: E402
+from ghostify.config import ConvertConfig  # noqa: E402
+from ghostify.data import build_eval_loader, build_train_loader, extract_archive  # noqa: E402
+from ghostify.distill import DistillConfig, DistillData  # noqa: E402
+from ghostify.evaluate import evaluate  # noqa: E402
+from ghostify.rewrite import convert_model  # noqa: E402
+
+ROWS = ("teacher", "teacher-ft", "c-ghost", "c-ghost-scratch", "torch-pruning", "g-ghost")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shared", type=Path, default=DEFAULT_SHARED, help="the shared folder (data/ inside)")
+    p.add_argument("--work", type=Path, default=Path("/tmp/ghostify-cifar10"), help="where to unpack data")
+    p.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of {', '.join(ROWS)}")
+    p.add_argument("--epochs", type=float, default=2.0, help="training budget of every row, in epochs")
+    p.add_argument("--blockwise", type=float, default=1.0, help="ghost rows: epochs of it block-wise")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--limit-train", type=int, default=None, help="train on a fixed subset of this many")
+    p.add_argument("--limit-val", type=int, default=None, help="evaluate on a fixed subset of this many")
+    p.add_argument("--json", type=Path, default=Path("cifar10_resnet56.json"), help="results file")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p.parse_args(argv)
+
+
+def load_data(args: argparse.Namespace) -> DistillData:
+    archives = args.shared / "data" / "cifar10-jpeg"
+    root = args.work
+    for split in ("train", "test"):
+        extract_archive(archives / f"{split}.tar.gz", root)
+    common = dict(
+        input_size=cifar_resnet.input_size,
+        mean=cifar_resnet.MEAN,
+        std=cifar_resnet.STD,
+        batch_size=args.batch_size,
+        workers=args.workers,
+    )
+    train = build_train_loader(root / "train", limit=args.limit_train, **common)
+    val = build_eval_loader(root / "test", limit=args.limit_val, **common)
+    return DistillData(train, val)
+
+
+def teacher_model(args: argparse.Namespace) -> nn.Module:
+    model = cifar_resnet.resnet56()
+    cifar_resnet.load_checkpoint(model, args.shared / "data" / "pretrained" / "resnet56-4bfd9763.th")
+    return model.eval()
+
+
+def reinitialise(model: nn.Module) -> nn.Module:
+    """Fresh random weights everywhere (the same architecture trained from scratch)."""
+    for module in model.modules():
+        if hasattr(module, "reset_parameters") and module is not model:
+            module.reset_parameters()
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.reset_running_stats()
+    return model
+
+
+def size(model: nn.Module) -> dict[str, int]:
+    example = torch.zeros(1, *cifar_resnet.input_size)
+    return {"macs": count_macs(model, example)[0], "params": count_params(model)}
+
+
+def run_row(row: str, args: argparse.Namespace, data: DistillData, teacher: nn.Module, macs: dict) -> dict:
+    """Train one row and return its figures (top-1 per stage, size, wall time)."""
+    start = time.perf_counter()
+    budget = args.epochs
+    example = torch.randn(2, *cifar_resnet.input_size, generator=torch.Generator().manual_seed(0))
+    e2e_only = DistillConfig(
+        epochs=budget, blockwise_epochs=0, calib_batches=0, batch_size=args.batch_size, workers=args.workers
+    )
+    if row == "teacher":
+        acc = evaluate(teacher, data.val, progress=not args.quiet)
+        return {
+            "row": row,
+            **size(teacher),
+            "top1": {"as-is": acc.top1},
+            "seconds": time.perf_counter() - start,
+        }
+    if row == "teacher-ft":
+        student, config = copy.deepcopy(teacher), DistillConfig(**{**e2e_only.to_dict(), "kd_weight": 0.0})
+        outcome = ghostify.distill(student, teacher, data, config, progress=not args.quiet)
+    elif row in ("c-ghost", "g-ghost"):
+        result = convert_model(teacher, ConvertConfig(mode=row, ratio=2), example_inputs=example)
+        config = DistillConfig(
+            blockwise_epochs=args.blockwise,
+            epochs=max(0.0, budget - args.blockwise),
+            batch_size=args.batch_size,
+            workers=args.workers,
+        )
+        outcome = ghostify.distill(result, teacher, data, config, progress=not args.quiet)
+        student = result.model
+    elif row == "c-ghost-scratch":
+        result = convert_model(teacher, ConvertConfig(mode="c-ghost", ratio=2, weight_init="random"))
+        student = reinitialise(result.model)
+        outcome = ghostify.distill(student, teacher, data, e2e_only, progress=not args.quiet)
+    elif row == "torch-pruning":
+        target = macs.get("c-ghost") or size(convert_model(teacher, ConvertConfig(ratio=2)).model)["macs"]
+        student, _ratio = prune_inner_channels(teacher, example[:1], target)
+        outcome = ghostify.distill(student, teacher, data, e2e_only, progress=not args.quiet)
+    else:
+        raise SystemExit(f"unknown row {row!r}; choose from {', '.join(ROWS)}")
+    top1 = {stage: acc.top1 for stage, acc in outcome.accuracy.items() if stage != "teacher"}
+    return {
+        "row": row,
+        **size(student),
+        "top1": top1,
+        "steps": outcome.steps,
+        "seconds": time.perf_counter() - start,
+    }
+
+
+def markdown(results: list[dict], args: argparse.Namespace) -> str:
+    stages = ("as-is", "converted", "calibrated", "blockwise", "distilled")
+    lines = [
+        f"| row | MACs | params | {' | '.join(stages)} | wall time |",
+        "| --- | ---: | ---: |" + " ---: |" * len(stages) + " ---: |",
+    ]
+    for r in results:
+        cells = [f"{r['top1'][s]:.2f}%" if s in r["top1"] else "" for s in stages]
+        lines.append(
+            f"| {r['row']} | {r['macs'] / 1e6:.1f}M | {r['params'] / 1e3:.0f}K | {' | '.join(cells)} "
+            f"| {r['seconds'] / 60:.1f} min |"
+        )
+    images = "all" if args.limit_val is None else f"{args.limit_val}"
+    lines.append(f"\n_top-1 on {images} CIFAR-10 test images; budget {args.epochs:g} epochs per row_")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    rows = [r.strip() for r in args.rows.split(",") if r.strip()]
+    unknown = sorted(set(rows) - set(ROWS))
+    if unknown:
+        raise SystemExit(f"unknown rows {', '.join(unknown)}; choose from {', '.join(ROWS)}")
+    torch.manual_seed(0)
+    data = load_data(args)
+    teacher = teacher_model(args)
+    results: list[dict] = []
+    macs: dict[str, int] = {}
+    for row in rows:
+        print(f"== {row}", flush=True)
+        figures = run_row(row, args, data, teacher, macs)
+        macs[row] = figures["macs"]
+        results.append(figures)
+        args.json.write_text(json.dumps({"args": vars(args) | {"shared": str(args.shared)}, "rows": results},
+                                        indent=2, default=str))  # fmt: skip
+        print(json.dumps(figures), flush=True)
+    print(markdown(results, args))
+
+
+if __name__ == "__main__":
+    main()
