@@ -260,6 +260,7 @@ def convert_cmd(
     if main_rank:
         for note in loaded.notes:
             err_console.print(f"[yellow]note:[/] {note}", highlight=False)
+    train_data = _open_data(loaded, data, distill_config, world, mean, std) if world is not None else None
     out = out if out is not None else _default_out(loaded.name, config.mode, config.ratio)
     recipe = make_recipe(
         _spec_for_recipe(model), config, loaded.num_classes, loaded.input_size, source_weights=loaded.weights
@@ -294,7 +295,7 @@ def convert_cmd(
     if data is None or world is None or distill_config is None:
         return
     try:
-        _distill_into(out, loaded, result, recipe, data, distill_config, world, resume, mean, std,
+        _distill_into(out, loaded, result, recipe, train_data, data, distill_config, world, resume,
                       (shape, latency, repeats, warmup, threads, json_path))  # fmt: skip
     finally:
         world.close()
@@ -313,14 +314,14 @@ def _check_same_run(recipe, spec: str, config, out: Path) -> None:  # noqa: ANN0
         )
 
 
-def _distill_into(out, loaded, result, recipe, data_dir, config, world, resume, mean, std, report_args):  # noqa: ANN001
-    """Open the data, distil with checkpoints in `out`, then (rank 0) write the report with accuracy."""
+def _open_data(loaded, data_dir, config, world, mean, std):  # noqa: ANN001, ANN202
+    """The training / validation data as the model expects it; checked before any conversion work."""
     from ghostify.data import data_config, parse_floats
-    from ghostify.recovery import open_data, recipe_entry, recover, write_results
+    from ghostify.recovery import open_data
 
     size, mean3, std3 = data_config(
         loaded,
-        input_size=recipe.input_size,
+        input_size=loaded.input_size,
         mean=parse_floats(mean, "--mean") if mean else None,
         std=parse_floats(std, "--std") if std else None,
     )
@@ -328,6 +329,13 @@ def _distill_into(out, loaded, result, recipe, data_dir, config, world, resume, 
     if world.is_main:
         for note in notes:
             err_console.print(f"[yellow]note:[/] {note}", highlight=False)
+    return data
+
+
+def _distill_into(out, loaded, result, recipe, data, data_dir, config, world, resume, report_args):  # noqa: ANN001
+    """Distil with checkpoints in `out`, then (rank 0) write the report with accuracy."""
+    from ghostify.recovery import recipe_entry, recover, write_results
+
     outcome = recover(out, loaded.model, result, recipe, data, config, world, resume=resume)
     if not world.is_main:
         return
@@ -467,7 +475,8 @@ def distill_cmd(
     world = init_world(device)
     shape = (latency_batch, *recipe.input_size)
     try:
-        _distill_into(target, loaded, result, recipe, data, config, world, resume, mean, std,
+        train_data = _open_data(loaded, data, config, world, mean, std)
+        _distill_into(target, loaded, result, recipe, train_data, data, config, world, resume,
                       (shape, latency, repeats, 2, threads, None))  # fmt: skip
     finally:
         world.close()
