@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from ghostify.config import ConvertConfig
+from ghostify.deploy import deploy_form
 from ghostify.errors import (
     ConfigError,
     ConversionError,
@@ -21,6 +22,7 @@ from ghostify.errors import (
     ModelLoadError,
     TrainingError,
 )
+from ghostify.export import export, verify_export
 from ghostify.io import load, save
 from ghostify.rewrite import ConversionResult, convert_model
 
@@ -78,7 +80,10 @@ __all__ = [
     "__version__",
     "convert",
     "convert_model",
+    "deploy_form",
     "distill",
+    "export",
     "load",
     "save",
+    "verify_export",
 ]

@@ -482,6 +482,41 @@ def distill_cmd(
         world.close()
 
 
+@app.command("export")
+def export_cmd(
+    target: Annotated[Path, typer.Argument(help="A ghostify output folder.")],
+    format: Annotated[str, typer.Option("--format", help="onnx or exported-program.")] = "onnx",
+    out: Annotated[
+        Path | None, typer.Option(help="Output file [default: TARGET/model.onnx or TARGET/model.pt2].")
+    ] = None,
+    deploy: Annotated[bool, typer.Option(help="Export the deploy form (BN folded, fewer copies).")] = True,
+    verify: Annotated[bool, typer.Option(help="Check the file's outputs against the eager model.")] = True,
+) -> None:
+    """Export a saved ghost model for inference (deploy form: every BN folded into its conv).
+
+    Example: ghostify export ghostify-out/resnet50-c-ghost-s2 --format onnx
+    """
+    import torch
+
+    from ghostify.export import FORMATS, export, verify_export
+    from ghostify.io import read_recipe, replay
+
+    if format not in FORMATS:
+        raise ConfigError(f"unknown export format {format!r}; choose one of {', '.join(FORMATS)}.")
+    recipe = read_recipe(target)
+    with err_console.status(f"Loading {target}..."):
+        model = replay(target)[1].model
+    example = torch.randn(2, *recipe.input_size, generator=torch.Generator().manual_seed(0))
+    path = out if out is not None else target / f"model{FORMATS[format]}"
+    with err_console.status(f"Exporting to {path} ({format})..."):
+        written = export(model, path, format=format, example_inputs=example[:1], deploy=deploy)
+    line = f"exported {written}"
+    if verify:
+        diff = verify_export(written, model, example)
+        line += f"  (max |difference| from the eager model at batch 2: {diff:.2g})"
+    console.print(line, highlight=False)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: `ghostify MODEL ...` is `ghostify convert MODEL ...`; errors become one line."""
     args = list(sys.argv[1:] if argv is None else argv)

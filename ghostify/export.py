@@ -67,7 +67,8 @@ def export(
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; the output is an ordinary file
         target = deploy_form(model, example_inputs) if deploy else model
-        with eval_mode(target), torch.no_grad():
+        with eval_mode(target), torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # the exporters' notes on constant folding etc.
             (_export_onnx if format == "onnx" else _export_program)(target, example_inputs, tmp)
         os.replace(tmp, path)
     except BaseException as err:

@@ -112,3 +112,16 @@ def test_debug_variable_brings_the_traceback_back(monkeypatch, spec):
     monkeypatch.setenv("GHOSTIFY_DEBUG", "1")
     with pytest.raises(ConfigError):
         main([spec, "--ratio", "1"])
+
+
+@pytest.mark.parametrize("fmt, suffix", [("onnx", ".onnx"), ("exported-program", ".pt2")])
+def test_export_command_writes_a_checked_file(capsys, tmp_path, spec, fmt, suffix):
+    pytest.importorskip("onnxruntime") if fmt == "onnx" else None
+    out = tmp_path / "out"
+    code, _, stderr = run(capsys, spec, "--out", str(out), "--no-latency")
+    assert code == 0, stderr
+    code, stdout, stderr = run(capsys, "export", str(out), "--format", fmt)
+    assert code == 0, stderr
+    assert (out / f"model{suffix}").is_file() and "max |difference|" in stdout
+    code, _, stderr = run(capsys, "export", str(out), "--format", "tflite")
+    assert code == 1 and "choose one of onnx, exported-program" in stderr
