@@ -349,6 +349,11 @@ def _distill_into(out, loaded, result, recipe, data, data_dir, config, world, re
         from ghostify.report import write_json
 
         write_json(report, json_path)
+    from ghostify.data import skipped_images
+
+    skipped = skipped_images(data.train) + (skipped_images(data.val) if data.val is not None else 0)
+    if skipped:
+        err_console.print(f"[yellow]note:[/] skipped {skipped} unreadable images", highlight=False)
     minutes = outcome.seconds / 60
     console.print(
         f"distilled in {minutes:.1f} min; saved to {out} (history.json, history.png)", highlight=False

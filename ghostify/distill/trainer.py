@@ -133,6 +133,12 @@ class _Run:
         self.blocks = find_blocks(student, teacher, result) if result is not None else []
         self.device = world.device
         self.autocast, self.scaler = self._precision()
+        self.channels_last = bool(
+            config.channels_last or (config.channels_last is None and self.device.type == "cuda")
+        )
+        if self.channels_last:
+            student.to(memory_format=torch.channels_last)
+            teacher.to(memory_format=torch.channels_last)
         n = len(data.train.dataset)  # type: ignore[arg-type]
         per_rank = math.ceil(n / world.world_size)
         self.steps_per_epoch = max(1, math.ceil(per_rank / config.batch_size))
@@ -199,7 +205,7 @@ class _Run:
     def to_device(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
         x, y = (batch[0], batch[1]) if isinstance(batch, (list, tuple)) else (batch, None)
         x = x.to(self.device, non_blocking=True)
-        if self.config.channels_last or (self.config.channels_last is None and self.device.type == "cuda"):
+        if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return x, (y.to(self.device, non_blocking=True) if y is not None else None)
 
@@ -259,7 +265,7 @@ class _Run:
     def calibrate(self) -> CalibrationReport | None:
         if self.result is None:
             return None
-        sampler_free = DataLoader(
+        fixed_order = type(self.data.train)(  # the train loader's class: skips unreadable images
             self.data.train.dataset,
             batch_size=self.config.batch_size,
             sampler=torch.randperm(
@@ -270,7 +276,7 @@ class _Run:
             collate_fn=self.data.train.collate_fn,
         )
         return calibrate(
-            self.student, self.teacher, sampler_free, self.result, self.config.calib_batches, self.progress
+            self.student, self.teacher, fixed_order, self.result, self.config.calib_batches, self.progress
         )
 
     def train(self, phase: str, state: dict[str, Any] | None) -> None:

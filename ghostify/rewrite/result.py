@@ -37,6 +37,7 @@ class ConversionResult:
     sites: list[SiteRecord] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (module name, why it was left alone)
     notes: list[str] = field(default_factory=list)
+    decisions: list[Any] = field(default_factory=list)  # ghostify.select.SiteDecision, one per timed site
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -44,4 +45,5 @@ class ConversionResult:
             "sites": [asdict(s) for s in self.sites],
             "skipped": [{"name": n, "why": w} for n, w in self.skipped],
             "notes": list(self.notes),
+            **({"decisions": [d.to_dict() for d in self.decisions]} if self.decisions else {}),
         }
