@@ -403,6 +403,8 @@ class ConversionReport:
         accuracy: measured accuracy per stage, in the order measured ("original", "converted",
             "calibrated", "distilled"...), each {"top1": %, "top5": %, "images": n}; empty when no labelled
             data was given (see `set_accuracy`).
+        decisions: with a latency selection (`select="latency"`), one `ghostify.select.SiteDecision` per
+            timed site: MACs and time before -> after and why it was kept or reverted; else empty.
     """
 
     model: str
@@ -413,6 +415,7 @@ class ConversionReport:
     skipped: list[tuple[str, str]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     accuracy: dict[str, dict[str, float]] = field(default_factory=dict)
+    decisions: list[Any] = field(default_factory=list)
 
     @property
     def macs_ratio(self) -> float | None:
@@ -445,6 +448,7 @@ class ConversionReport:
             "skipped": [{"name": n, "why": w} for n, w in self.skipped],
             "notes": list(self.notes),
             "accuracy": {stage: dict(acc) for stage, acc in self.accuracy.items()},
+            **({"decisions": [d.to_dict() for d in self.decisions]} if self.decisions else {}),
             "conventions": {**CONVENTIONS, "latency_conditions": self._latency_conditions()},
         }
 
@@ -530,6 +534,7 @@ def build_report(
         sites=[_site_row(site, before, after) for site in _top_level_sites(result.sites)],
         skipped=[(str(n), str(w)) for n, w in result.skipped],
         notes=list(result.notes),
+        decisions=list(result.decisions),
     )
 
 

@@ -78,10 +78,14 @@ ResumeOpt = Annotated[bool, typer.Option(help="Continue the interrupted run in t
 DeviceOpt = Annotated[str | None, typer.Option(help="cpu or cuda [default: cuda when available].")]
 
 
-def _distill_config(**options) -> DistillConfig:  # noqa: ANN003
+def _distill_config(options: dict) -> DistillConfig:
+    """The DistillConfig named by a command's options (its other options are ignored)."""
+    import dataclasses
+
     from ghostify.distill.config import DistillConfig
 
-    return DistillConfig(**options)
+    fields = {f.name for f in dataclasses.fields(DistillConfig)}
+    return DistillConfig(**{k: v for k, v in options.items() if k in fields})
 
 
 def _parse_input_size(text: str | None) -> tuple[int, int, int] | None:
@@ -240,13 +244,7 @@ def convert_cmd(
     size = _parse_input_size(input_size)
     distill_config = None
     if data is not None:
-        distill_config = _distill_config(
-            epochs=epochs, steps=steps, blockwise_epochs=blockwise_epochs, blockwise_steps=blockwise_steps,
-            calib_batches=calib_batches, batch_size=batch_size, lr=lr, optimizer=optimizer,
-            weight_decay=weight_decay, temperature=temperature, kd_weight=kd_weight, ce_weight=ce_weight,
-            feature_weight=feature_weight, clip_grad=clip_grad, checkpoint_every=checkpoint_every,
-            workers=workers, seed=seed, amp=amp, limit_train=limit_train, limit_val=limit_val,
-        )  # fmt: skip
+        distill_config = _distill_config(locals())
     elif resume:
         raise ConfigError("--resume continues a distillation run: give --data DIR as well.")
     resuming = resume and out is not None and (out / RECIPE_FILE).is_file()
@@ -455,13 +453,7 @@ def distill_cmd(
     from ghostify.io import replay
     from ghostify.models import load_model
 
-    config = _distill_config(
-        epochs=epochs, steps=steps, blockwise_epochs=blockwise_epochs, blockwise_steps=blockwise_steps,
-        calib_batches=calib_batches, batch_size=batch_size, lr=lr, optimizer=optimizer,
-        weight_decay=weight_decay, temperature=temperature, kd_weight=kd_weight, ce_weight=ce_weight,
-        feature_weight=feature_weight, clip_grad=clip_grad, checkpoint_every=checkpoint_every,
-        workers=workers, seed=seed, amp=amp, limit_train=limit_train, limit_val=limit_val,
-    )  # fmt: skip
+    config = _distill_config(locals())
     with err_console.status(f"Loading {target}..."):
         _, result, recipe = replay(target)
     source_weights = teacher_weights or recipe.source_weights

@@ -148,5 +148,7 @@ def _check_decided(decided: Any) -> dict[str, str]:
         raise ConfigError(f"decided must map site names to a choice (got {decided!r}).")
     bad = sorted({str(c) for _, c in pairs if c not in CHOICES})
     if bad:
-        raise ConfigError(f"decided holds {', '.join(bad)}; each site's choice is one of {', '.join(CHOICES)}.")
+        raise ConfigError(
+            f"decided holds {', '.join(bad)}; each site's choice is one of {', '.join(CHOICES)}."
+        )
     return dict(pairs)

@@ -84,7 +84,7 @@ def _first_last(out, phase, part):
 
 def test_blockwise_learns(teacher):
     result = _converted(teacher)
-    config = _config(calib_batches=0, blockwise_steps=8, steps=0, blockwise_lr=1e-2, warmup=0)
+    config = _config(calib_batches=0, blockwise_steps=8, steps=0, blockwise_lr=1e-2, warmup_fraction=0)
     first, last = _first_last(
         ghostify.distill(result, teacher, _data(), config, progress=False), "blockwise", "mse"
     )
@@ -218,7 +218,7 @@ def test_batch_larger_than_data(teacher):
         ({"optimizer": "lion"}, "optimizer must be one of"),
         ({"epochs": -1}, "--epochs must be >= 0"),
         ({"kd_weight": 0, "ce_weight": 0}, "nothing to train on"),
-        ({"warmup": 1.5}, "--warmup"),
+        ({"warmup_fraction": 1.5}, "warmup_fraction"),
     ],
 )
 def test_bad_options(options, message):

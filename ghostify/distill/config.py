@@ -48,8 +48,8 @@ class DistillConfig:
         lr: end-to-end peak learning rate [default: 0.05 for sgd, 1e-3 for adamw, scaled by batch / 128].
         blockwise_lr: block-wise peak learning rate (AdamW).
         weight_decay: [default: 5e-4 for sgd, 0.05 for adamw].
-        warmup: fraction of each phase's steps spent warming the learning rate up linearly (then cosine
-            to zero).
+        warmup_fraction: fraction of each phase's steps spent warming the learning rate up linearly
+            (then cosine to zero).
         temperature: softening temperature T of the KL term (scaled by T^2).
         kd_weight: weight of the KL term.
         ce_weight: weight of the cross-entropy on labels (ignored for unlabelled data).
@@ -77,7 +77,7 @@ class DistillConfig:
     lr: float | None = None
     blockwise_lr: float = 1e-3
     weight_decay: float | None = None
-    warmup: float = 0.05
+    warmup_fraction: float = 0.05
     temperature: float = 4.0
     kd_weight: float = 1.0
     ce_weight: float = 1.0
@@ -117,8 +117,10 @@ class DistillConfig:
             raise ConfigError(f"--lr must be > 0 (got {self.lr}).")
         if not self.blockwise_lr > 0 or not self.temperature > 0:
             raise ConfigError("--blockwise-lr and --temperature must be > 0.")
-        if not 0 <= self.warmup < 1:
-            raise ConfigError(f"--warmup is a fraction of the steps in [0, 1) (got {self.warmup}).")
+        if not 0 <= self.warmup_fraction < 1:
+            raise ConfigError(
+                f"warmup_fraction is a fraction of the steps in [0, 1) (got {self.warmup_fraction})."
+            )
         if min(self.kd_weight, self.ce_weight, self.feature_weight) < 0:
             raise ConfigError("loss weights (--kd-weight, --ce-weight, --feature-weight) must be >= 0.")
         if self.kd_weight == self.ce_weight == self.feature_weight == 0:

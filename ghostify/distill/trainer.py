@@ -292,7 +292,7 @@ class _Run:
             module = self.student
             params = [p for p in self.student.parameters() if p.requires_grad]
             optimizer = _optimizer(params, c.optimizer, c.peak_lr, c.decay)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(total, c.warmup))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(total, c.warmup_fraction))
         start = 0
         if state is not None and state.get("phase") == phase and state.get("optimizer") is not None:
             optimizer.load_state_dict(state["optimizer"])
