@@ -32,6 +32,7 @@ from torch import nn
 import ghostify
 from ghostify.analysis import compare_latency, count_macs, count_params
 from ghostify.config import MODES, ConvertConfig
+from ghostify.deploy import deploy_form
 from ghostify.models import load_model
 
 ALL_MODELS = "resnet18,resnet50,resnet101,vgg16_bn,mobilenet_v2,regnet_x_3_2gf,efficientnet_b0"
@@ -53,6 +54,13 @@ parser.add_argument(
     help="ghostify's weight inheritance; it can change the layout (fit may permute Ghost outputs)",
 )
 parser.add_argument("--no-peer", action="store_true", help="skip the Torch-Pruning peer")
+parser.add_argument(
+    "--form",
+    default="deploy",
+    choices=["deploy", "eager"],
+    help="time every variant (the original included) in ghostify's deploy form (BN folded, Ghost copies "
+    "folded away) or as built",
+)
 parser.add_argument("--onnx", action="store_true", help="also time every variant in ONNX Runtime")
 parser.add_argument("--markdown", action="store_true", help="print Markdown tables (for the README)")
 args = parser.parse_args()
@@ -284,8 +292,9 @@ lead = "" if args.markdown else "# "  # Markdown: plain paragraphs, not headings
 print(machine.replace("# ", lead, 1) + ("  " if args.markdown else ""))
 print(
     f"{lead}ratio s={args.ratio}, weight_init={args.weight_init}, input {args.input_size}x{args.input_size}, "
-    f"random weights; latency cells = median [p10-p90] ms of {args.repeats} interleaved rounds after "
-    f"{args.warmup} warm-up rounds; speed-up = original median / variant median (same runtime, batch)"
+    f"random weights, {args.form} form; latency cells = median [p10-p90] ms of {args.repeats} interleaved "
+    f"rounds after {args.warmup} warm-up rounds; speed-up = original median / variant median "
+    "(same runtime, batch)"
 )
 if onnx_missing:
     print(f"{lead}{onnx_missing}")
@@ -336,6 +345,13 @@ for name in model_names:
 
     models = {k: v for k, v in variants.items() if isinstance(v, nn.Module)}
     static = {k: (count_macs(m, example)[0], count_params(m)) for k, m in models.items()}
+    if args.form == "deploy":  # every variant in its own best inference form, the original included
+        for label in list(models):
+            progress(f"{name}: deploy form of {label}")
+            try:
+                models[label] = deploy_form(models[label], example)
+            except Exception as err:
+                notes.append(f"deploy form of {label}: n/a, timed as built ({one_line(err)})")
 
     # --- latency: every variant of this model in one interleaved call per (runtime, batch size)
     timed: dict[tuple[str, int], dict] = {}
