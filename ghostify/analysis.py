@@ -534,7 +534,7 @@ def build_report(
         sites=[_site_row(site, before, after) for site in _top_level_sites(result.sites)],
         skipped=[(str(n), str(w)) for n, w in result.skipped],
         notes=list(result.notes),
-        decisions=list(result.decisions),
+        decisions=list(getattr(result, "decisions", [])),
     )
 
 

@@ -154,7 +154,10 @@ def convert_cmd(
     model: Annotated[
         str, typer.Argument(help="resnet50 | torchvision:NAME | timm:NAME | path/file.py:factory")
     ],
-    mode: Annotated[str, typer.Option(help="c-ghost (CPU), g-ghost (GPU) or both.")] = "c-ghost",
+    mode: Annotated[
+        str,
+        typer.Option(help="c-ghost (CPU), g-ghost (GPU), both, or auto (per stage, the fastest measured)."),
+    ] = "c-ghost",
     ratio: Annotated[float, typer.Option(help="The paper's s: integer >= 2.")] = 2,
     dw_size: Annotated[int, typer.Option(help="C-Ghost cheap depthwise kernel (odd).")] = 3,
     include: Annotated[
@@ -167,6 +170,19 @@ def convert_cmd(
     ] = None,
     mix: Annotated[bool, typer.Option(help="G-Ghost: use the mix (information enhancement) branch.")] = True,
     init: Annotated[str, typer.Option(help="fit (inherit weights) or random (naive baseline).")] = "fit",
+    select: Annotated[
+        str | None,
+        typer.Option(
+            help="all, or latency: time each site in deploy form, keep only faster ones "
+            "[default: latency for auto, else all]."
+        ),
+    ] = None,
+    target: Annotated[
+        str | None, typer.Option(help="Where --select latency times sites: cpu, cuda or onnxruntime.")
+    ] = None,
+    min_speedup: Annotated[
+        float, typer.Option(help="--select latency keeps a site only if this much faster.")
+    ] = 1.05,
     weights: Annotated[
         str, typer.Option(help="default | pretrained | none | path to a state_dict file.")
     ] = "default",
@@ -223,10 +239,11 @@ def convert_cmd(
 
     from ghostify.config import ConvertConfig
     from ghostify.distill.distributed import init_world
-    from ghostify.io import RECIPE_FILE, check_output_dir, make_recipe, replay, save
+    from ghostify.io import RECIPE_FILE, check_output_dir, make_recipe, read_recipe, replay, save
     from ghostify.models import load_model
     from ghostify.report import to_markdown
     from ghostify.rewrite import convert_model
+    from ghostify.select import MeasureOptions
 
     config = ConvertConfig(
         mode=mode,
@@ -238,6 +255,9 @@ def convert_cmd(
         weight_init=init,
         mix=mix,
         stages=[s.strip() for s in stages.split(",")] if stages else None,
+        select=select,
+        target=target,
+        min_speedup=min_speedup,
     )
     if latency_batch < 1 or repeats < 1 or warmup < 0:
         raise ConfigError("--latency-batch and --repeats must be >= 1, --warmup >= 0.")
@@ -260,9 +280,6 @@ def convert_cmd(
             err_console.print(f"[yellow]note:[/] {note}", highlight=False)
     train_data = _open_data(loaded, data, distill_config, world, mean, std) if world is not None else None
     out = out if out is not None else _default_out(loaded.name, config.mode, config.ratio)
-    recipe = make_recipe(
-        _spec_for_recipe(model), config, loaded.num_classes, loaded.input_size, source_weights=loaded.weights
-    )
     # random, not zeros: G-Ghost fits its cheap path on the example's features
     example = torch.randn(latency_batch, *loaded.input_size, generator=torch.Generator().manual_seed(0))
     shape = tuple(example.shape)
@@ -273,8 +290,17 @@ def convert_cmd(
         err_console.print(f"resuming the run in {out}", highlight=False)
     else:
         start = time.perf_counter()
-        with err_console.status(f"Converting {loaded.name} ({config.mode}, ratio {config.ratio})..."):
-            result = convert_model(loaded.model, config, example_inputs=example[:1])
+        if not main_rank and config.select == "latency":
+            world.barrier()  # rank 0 measures and saves; the others rebuild its decisions, timing nothing
+            config = ConvertConfig.from_dict(read_recipe(out).convert)
+        what = "timing sites, " if config.select == "latency" and config.decided is None else ""
+        with err_console.status(f"Converting {loaded.name} ({config.mode}, ratio {config.ratio}, {what})..."):
+            measure = MeasureOptions(threads=threads)
+            result = convert_model(loaded.model, config, example_inputs=example[:1], measure=measure)
+        recipe = make_recipe(  # from the result's config: it holds the latency decisions for replay
+            _spec_for_recipe(model), result.config, loaded.num_classes, loaded.input_size,
+            source_weights=loaded.weights,
+        )  # fmt: skip
         if main_rank:
             err_console.print(
                 f"converted {len(result.sites)} sites in {time.perf_counter() - start:.1f} s", highlight=False
@@ -288,7 +314,7 @@ def convert_cmd(
             }
             save(result.model, out, recipe, extra_files=extra, force=force)
             console.print(f"saved to {out}  (load it with ghostify.load({str(out)!r}))", highlight=False)
-        if world is not None:
+        if world is not None and (main_rank or config.select != "latency"):
             world.barrier()
     if data is None or world is None or distill_config is None:
         return
@@ -303,7 +329,10 @@ def _check_same_run(recipe, spec: str, config, out: Path) -> None:  # noqa: ANN0
     """--resume must name the model and options the folder was converted with."""
     from ghostify.errors import FormatError
 
-    if recipe.model_spec != spec or recipe.convert != config.to_dict():
+    measured = ("decided", "target")  # filled in by the latency selection of the saved run
+    saved = {k: v for k, v in recipe.convert.items() if k not in measured}
+    asked = {k: v for k, v in config.to_dict().items() if k not in measured}
+    if recipe.model_spec != spec or saved != asked:
         what = "model" if recipe.model_spec != spec else "conversion options"
         raise FormatError(
             f"{out} holds a run of another {what} ({recipe.model_spec}, {recipe.convert.get('mode')} "

@@ -10,6 +10,7 @@ import math
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from rich import box
 from rich.console import Console
@@ -185,6 +186,38 @@ def _total_cells(report: ConversionReport, arrow: str) -> tuple[str, ...]:
 _SITE_HEADERS = ("name", "kind", "detail", "MACs before -> after", "params before -> after", "MACs ratio")
 
 
+_DECISION_HEADERS = ("name", "unit", "choice", "MACs before -> after", "time before -> after", "decision")
+
+
+def _ms(value: float) -> str:
+    return f"{value:.3f}" if value < 10 else f"{value:.2f}"
+
+
+def _decision_cells(decision: Any, arrow: str) -> tuple[str, ...]:
+    """One timed site of a latency selection: what it cost before and after, and what was decided."""
+    timed = decision.ms_before > 0 or decision.ms_after > 0
+    time = f"{_ms(decision.ms_before)} {arrow} {_ms(decision.ms_after)} ms" if timed else "-"
+    return (
+        decision.name,
+        decision.unit,
+        decision.choice,
+        f"{format_count(decision.macs_before)} {arrow} {format_count(decision.macs_after)}",
+        time,
+        decision.reason,
+    )
+
+
+def _decisions_title(report: ConversionReport) -> str:
+    kept = sum(d.choice != "original" for d in report.decisions)
+    return f"latency selection: {kept} of {len(report.decisions)} timed sites kept"
+
+
+def _shown_decisions(report: ConversionReport, max_rows: int | None) -> tuple[list[Any], int]:
+    if max_rows is None or len(report.decisions) <= max_rows:
+        return report.decisions, 0
+    return report.decisions[: max(max_rows, 0)], len(report.decisions) - max(max_rows, 0)
+
+
 def _shown_sites(report: ConversionReport, max_rows: int | None) -> tuple[list[SiteRow], int]:
     if max_rows is None or len(report.sites) <= max_rows:
         return report.sites, 0
@@ -230,6 +263,12 @@ def render_plain(report: ConversionReport, max_rows: int | None = 40) -> str:
             lines.insert(len(lines) - 2, f"... {hidden} more rows (use --json for all)")
     else:
         lines.append("no sites converted")
+    if report.decisions:
+        shown, hidden = _shown_decisions(report, max_rows)
+        lines += ["", _decisions_title(report)]
+        lines += _plain_table(_DECISION_HEADERS, [_decision_cells(d, "->") for d in shown])
+        if hidden:
+            lines.append(f"... {hidden} more rows (use --json for all)")
     lines += _skipped_lines(report)
     lines += [f"note: {note}" for note in report.notes]
     return "\n".join(lines) + "\n"
@@ -274,6 +313,18 @@ def _rich_render(report: ConversionReport, console: Console, max_rows: int | Non
         console.print(sites)
     else:
         console.print("no sites converted")
+    if report.decisions:
+        shown, hidden = _shown_decisions(report, max_rows)
+        caption = f"... {hidden} more rows (use --json for all)" if hidden else None
+        table = Table(title=escape(_decisions_title(report)), box=box.SIMPLE, caption=caption)
+        for header in _DECISION_HEADERS:
+            numeric = "->" in header
+            table.add_column(header.replace("->", "→"), justify="right" if numeric else "left")
+        for decision in shown:
+            *cells, reason = _decision_cells(decision, "→")
+            style = "green" if decision.choice != "original" else "red"
+            table.add_row(*(escape(c) for c in cells), f"[{style}]{escape(reason)}[/]")
+        console.print(table)
     for line in _skipped_lines(report):
         console.print(line, markup=False, highlight=False)
     for note in report.notes:
@@ -356,7 +407,8 @@ def _md_table(headers: tuple[str, ...], rows: list[tuple[str, ...]], right: set[
 
 def to_markdown(report: ConversionReport) -> str:
     """The report as Markdown: a summary table, the measurement conditions, accuracy by stage (when more
-    than two stages were measured), every site, skipped sites, notes."""
+    than two stages were measured), every site, the latency selection's decisions (if any), skipped
+    sites, notes."""
     lines = [f"## {_title(report)}", ""]
     lines += _md_table(("", "before", "after", "change"), _summary_rows(report, "–"), {1, 2, 3})
     for conditions in (_conditions(report), _accuracy_conditions(report)):
@@ -373,6 +425,11 @@ def to_markdown(report: ConversionReport) -> str:
         lines += ["### Converted sites", "", *_md_table(headers, [*rows, total], {3, 4, 5}), ""]
     else:
         lines += ["No sites converted.", ""]
+    if report.decisions:
+        rows = [_decision_cells(d, "→") for d in report.decisions]
+        headers = tuple(h.replace("->", "→") for h in _DECISION_HEADERS)
+        title = _decisions_title(report)
+        lines += [f"### {title[0].upper()}{title[1:]}", "", *_md_table(headers, rows, {3, 4}), ""]
     if report.skipped:
         lines += [f"### Skipped ({len(report.skipped)})", ""]
         lines += [f"- `{name}`: {why}" for name, why in report.skipped]

@@ -36,13 +36,14 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 from ghostify.analysis import compare_latency, count_macs
 from ghostify.config import ConvertConfig
 from ghostify.deploy import deploy_form
 from ghostify.errors import ConfigError, ConversionError, GhostifyError
 from ghostify.modes import eval_mode
-from ghostify.rewrite import convert_sites
+from ghostify.rewrite import LEFT_BY_SELECTION, convert_sites
 from ghostify.rewrite.c_ghost import apply_c_ghost
 from ghostify.rewrite.result import ConversionResult, SiteRecord
 from ghostify.rewrite.stages import call_model, find_stages
@@ -167,7 +168,7 @@ def environment_key(target: str, threads: int) -> str:
         import onnxruntime
 
         parts.append(f"onnxruntime {onnxruntime.__version__}")
-    parts += [f"torch {torch.__version__}", f"{threads} threads"]
+    parts += [f"torch {torch.__version__}", f"{threads} thread{'s' if threads != 1 else ''}"]
     return " | ".join(parts)
 
 
@@ -325,7 +326,7 @@ class SiteTimer:
     def describe(self) -> str:
         if self.target == "cuda":
             return f"cuda ({torch.cuda.get_device_name()})"
-        return f"{self.target} ({_cpu_name()}, {self.threads} threads)"
+        return f"{self.target} ({_cpu_name()}, {self.threads} thread{'s' if self.threads != 1 else ''})"
 
 
 # ---------------------------------------------------------------------------------------- deciding
@@ -387,9 +388,15 @@ def record_inputs(model: nn.Module, names: list[str], example_inputs: Any) -> di
 
 
 def _macs(module: nn.Module, shape: tuple[int, ...]) -> int:
+    """MACs of one forward at batch 1, counted on fake tensors (no compute) where the ops allow it."""
     param = next(module.parameters(), None)
-    x = torch.zeros(1, *shape[1:], dtype=_dtype(module), device=param.device if param is not None else "cpu")
-    return count_macs(module, x)[0]
+    device = param.device if param is not None else torch.device("cpu")
+    x = torch.zeros(1, *shape[1:], dtype=_dtype(module), device=device)
+    try:
+        with FakeTensorMode(allow_non_fake_inputs=True) as fake_mode:
+            return count_macs(module, fake_mode.from_tensor(x))[0]
+    except Exception:  # noqa: BLE001 - some ops have no fake kernel: count on a real forward
+        return count_macs(module, x)[0]
 
 
 def _conv_unit(base: nn.Module, site: SiteRecord, ghost: nn.Module) -> nn.Module:
@@ -532,6 +539,11 @@ class _Selection:
         """Eligible stage -> its G-Ghost form, or None where G-Ghost cannot restructure it (noted)."""
         cfg = self.config
         infos = find_stages(self.model, self.example)
+        missing = [n for n in cfg.stages or [] if n not in {s.name for s in infos}]
+        if missing:
+            raise ConversionError(
+                f"--stages names {', '.join(missing)}, which is not a residual stage of this model."
+            )
         names = [
             s.name
             for s in infos
@@ -604,7 +616,7 @@ def select_by_latency(
     result.decisions = decisions
     reasons = {d.name: d.reason for d in decisions}
     result.skipped = [
-        (n, f"latency selection, {reasons[n]}" if n in reasons and why.startswith("left original") else why)
+        (n, f"latency selection, {reasons[n]}" if n in reasons and why == LEFT_BY_SELECTION else why)
         for n, why in result.skipped
     ]
     kept = sum(d.choice != "original" for d in decisions)

@@ -125,3 +125,18 @@ def test_export_command_writes_a_checked_file(capsys, tmp_path, spec, fmt, suffi
     assert (out / f"model{suffix}").is_file() and "max |difference|" in stdout
     code, _, stderr = run(capsys, "export", str(out), "--format", "tflite")
     assert code == 1 and "choose one of onnx, exported-program" in stderr
+
+
+def test_auto_mode_saves_its_decisions_for_replay(capsys, tmp_path, spec, monkeypatch):
+    import ghostify
+
+    monkeypatch.setenv("GHOSTIFY_CACHE_DIR", str(tmp_path / "cache"))
+    out = tmp_path / "out"
+    code, stdout, stderr = run(capsys, spec, "--mode", "auto", "--out", str(out), "--repeats", "2")
+    assert code == 0, stderr
+    assert "latency selection" in stdout
+    decided = json.loads((out / "recipe.json").read_text())["convert"]["decided"]
+    assert set(decided) == {"layer1.0", "block.conv1", "block.conv2", "layer2.0"}
+    import torch
+
+    assert ghostify.load(out)(torch.zeros(1, 3, 32, 32)).shape == (1, 10)
