@@ -493,6 +493,8 @@ def distill(
     teacher.to(world.device).eval()  # only ever run under no_grad: its own flags stay as they are
     _check_data(data, config, world)
     out = Path(out_dir) if out_dir is not None else None
+    if out is not None and world.is_main:
+        out.mkdir(parents=True, exist_ok=True)
     run = _Run(model, teacher, data, config, result, out, world, progress)
     options = {**config.resume_fingerprint(), **(run_options or {})}
     run.fingerprint = fingerprint(model, options, world.world_size)
