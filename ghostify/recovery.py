@@ -39,7 +39,8 @@ REPORT_STAGES = {
 }
 
 
-def _output_classes(model: nn.Module, input_size: Sequence[int], device: torch.device) -> int | None:
+def _output_classes(model: nn.Module, input_size: Sequence[int]) -> int | None:
+    device = next(model.parameters(), torch.empty(0)).device
     with eval_mode(model), torch.no_grad():
         out = model(torch.zeros(1, *input_size, device=device))
     return int(out.shape[-1]) if isinstance(out, torch.Tensor) and out.ndim == 2 else None
@@ -77,7 +78,7 @@ def open_data(
         world_size=world.world_size,
         rank=world.rank,
     )
-    classes = _output_classes(teacher, input_size, world.device)
+    classes = _output_classes(teacher, input_size)
     if classes is not None:
         check_num_classes(train, classes)
     val_dir = find_split(root, ("val", "test"))

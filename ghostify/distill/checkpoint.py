@@ -77,12 +77,14 @@ def _difference(saved: dict[str, Any], current: dict[str, Any]) -> str | None:
 def read_checkpoint(out_dir: str | Path, expected: dict[str, Any]) -> dict[str, Any]:
     """The saved training state, or a FormatError saying why it cannot continue this run."""
     path = Path(out_dir) / STATE_FILE
+    for leftover in Path(out_dir).glob(".*.tmp"):  # writes cut short by a kill
+        leftover.unlink(missing_ok=True)
     if not path.is_file():
         raise FormatError(
             f"nothing to resume in {out_dir} (no {STATE_FILE}); run without --resume to start training."
         )
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unreadable file means the same to the user
         raise FormatError(f"{path} is unreadable ({type(err).__name__}); remove it to start over.") from None
     why = _difference(state.get("fingerprint", {}), expected)

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from ghostify.errors import ConfigError
+
 __all__ = ["World", "init_world"]
 
 
@@ -57,9 +59,16 @@ def init_world(device: str | torch.device | None = None) -> World:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if dist.is_initialized():  # a process group the caller made: trust it over the environment
+        rank, world_size = dist.get_rank(), dist.get_world_size()
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"--device {device!r} is not a device; use cpu or cuda.") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda asked for, but torch sees no CUDA device; use --device cpu.")
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", local_rank if world_size > 1 else torch.cuda.current_device())
     if device.type == "cuda":

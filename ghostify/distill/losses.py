@@ -47,4 +47,6 @@ def distill_loss(
         feat = torch.stack([term.float() for term in feature_terms]).mean()
         total = total + feature_weight * feat
         parts["feature"] = float(feat.detach())
+    if not parts:  # e.g. only cross-entropy asked for, and no labelled image in this batch
+        total = student_logits.sum() * 0.0  # a zero that keeps the graph (and DDP's reducer) intact
     return total, parts

@@ -37,7 +37,7 @@ from ghostify.distill.config import DistillConfig
 from ghostify.distill.distributed import World, init_world
 from ghostify.distill.history import History
 from ghostify.distill.losses import distill_loss
-from ghostify.errors import DataError, TrainingError
+from ghostify.errors import ConfigError, DataError, TrainingError
 from ghostify.evaluate import EvalResult, evaluate
 from ghostify.rewrite.result import ConversionResult
 
@@ -500,13 +500,18 @@ def distill(
     run.fingerprint = fingerprint(model, options, world.world_size)
     notes: list[str] = []
     state = None
-    if resume and out is not None and (out / STATE_FILE).is_file():
+    if resume and out is None:
+        raise ConfigError("resume=True needs out_dir: the folder holding the run's checkpoint.")
+    if resume and (out / STATE_FILE).is_file():
         state = read_checkpoint(out, run.fingerprint)
         run.restore(state)
+        state.pop("model")  # restored; the optimizer state is still needed by the resumed phase
     elif resume:
         notes.append(f"no checkpoint in {out} yet: started from its saved model")
     if result is None:
-        notes.append("a bare module was given (no ConversionResult): calibration and block-wise skipped")
+        notes.append(
+            "a bare module was given (no ConversionResult): calibration, block-wise and feature loss skipped"
+        )
     if data.val is None:
         notes.append("no validation split: no accuracy reported")
 
