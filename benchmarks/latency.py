@@ -24,7 +24,6 @@ import sys
 import tempfile
 import time
 import warnings
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -34,6 +33,7 @@ from ghostify.analysis import compare_latency, count_macs, count_params
 from ghostify.config import MODES, ConvertConfig
 from ghostify.deploy import deploy_form
 from ghostify.models import load_model
+from ghostify.select import cpu_name
 
 ALL_MODELS = "resnet18,resnet50,resnet101,vgg16_bn,mobilenet_v2,regnet_x_3_2gf,efficientnet_b0"
 
@@ -110,16 +110,6 @@ progress = Progress()
 # ----------------------------------------------------------------------------------------- machine
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 try:
     usable_cores = len(os.sched_getaffinity(0))
 except AttributeError:
@@ -152,7 +142,7 @@ if tp is not None:
 if ort is not None:
     versions.append(f"onnxruntime {ort.__version__}")
 machine = (
-    f"# {cpu_model()}, {os.cpu_count()} cores ({usable_cores} usable, {load}); {', '.join(versions)}; "
+    f"# {cpu_name()}, {os.cpu_count()} cores ({usable_cores} usable, {load}); {', '.join(versions)}; "
     f"{args.threads} threads (OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}); "
     f"{platform.python_implementation()} {platform.python_version()}; "
     f"{datetime.datetime.now().isoformat(timespec='minutes')}"

@@ -147,7 +147,8 @@ def check_target(target: str) -> None:
             )
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
+    """The CPU's model name (part of the cache key, and printed beside every timing)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -163,7 +164,7 @@ def environment_key(target: str, threads: int) -> str:
     if target == "cuda":
         parts += [torch.cuda.get_device_name(), f"cuda {torch.version.cuda}"]
     else:
-        parts.append(_cpu_name())
+        parts.append(cpu_name())
     if target == "onnxruntime":
         import onnxruntime
 
@@ -326,7 +327,7 @@ class SiteTimer:
     def describe(self) -> str:
         if self.target == "cuda":
             return f"cuda ({torch.cuda.get_device_name()})"
-        return f"{self.target} ({_cpu_name()}, {self.threads} thread{'s' if self.threads != 1 else ''})"
+        return f"{self.target} ({cpu_name()}, {self.threads} thread{'s' if self.threads != 1 else ''})"
 
 
 # ---------------------------------------------------------------------------------------- deciding
