@@ -66,17 +66,16 @@ def open_data(
         )
     notes = []
     train_dir = find_split(root, ("train",)) or root
-    train = build_train_loader(
-        train_dir,
+    common = dict(
         input_size=input_size,
         mean=mean,
         std=std,
         batch_size=config.batch_size,
         workers=config.workers,
-        limit=config.limit_train,
         seed=config.seed,
-        world_size=world.world_size,
-        rank=world.rank,
+    )
+    train = build_train_loader(
+        train_dir, limit=config.limit_train, world_size=world.world_size, rank=world.rank, **common
     )
     classes = _output_classes(teacher, input_size)
     if classes is not None:
@@ -89,16 +88,7 @@ def open_data(
             f"(add {root}/val/<class>/<image> to get one)"
         )
     elif train_dir != root:
-        val = build_eval_loader(
-            val_dir,
-            input_size=input_size,
-            mean=mean,
-            std=std,
-            batch_size=config.batch_size,
-            workers=config.workers,
-            limit=config.limit_val,
-            seed=config.seed,
-        )
+        val = build_eval_loader(val_dir, limit=config.limit_val, **common)
         if classes is not None:
             check_num_classes(val, classes)
     return DistillData(train, val), notes
