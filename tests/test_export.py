@@ -8,6 +8,7 @@ import functools
 import pytest
 import torch
 import torchvision
+from fixtures.residual import Block
 from torch import nn
 
 from ghostify.config import ConvertConfig
@@ -15,22 +16,6 @@ from ghostify.deploy import GhostDeploy, concat_order, deploy_form
 from ghostify.errors import ConfigError, FormatError
 from ghostify.export import export, verify_export
 from ghostify.rewrite import convert_model
-
-
-class Block(nn.Module):
-    def __init__(self, cin: int, cout: int, stride: int = 1) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.proj = None
-        if stride != 1 or cin != cout:
-            self.proj = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-
-    def forward(self, x):
-        y = self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x)))))
-        return torch.relu(y + (x if self.proj is None else self.proj(x)))
 
 
 class Net(nn.Module):

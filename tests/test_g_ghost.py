@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.fx as fx
 import torchvision
+from fixtures.residual import Block
 from torch import nn
 
 from ghostify.config import ConvertConfig
@@ -17,24 +18,6 @@ from ghostify.rewrite.g_ghost import apply_g_ghost
 from ghostify.rewrite.narrow import narrow_block, round_raw
 from ghostify.rewrite.result import ConversionResult
 from ghostify.rewrite.stages import find_stages
-
-
-class Block(nn.Module):
-    """A user residual block: conv-bn-relu-conv-bn + (projection) shortcut, relu."""
-
-    def __init__(self, cin: int, cout: int, stride: int = 1) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.proj = None
-        if stride != 1 or cin != cout:
-            self.proj = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-
-    def forward(self, x):
-        y = self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x)))))
-        return torch.relu(y + (x if self.proj is None else self.proj(x)))
 
 
 class Net(nn.Module):

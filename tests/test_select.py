@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from fixtures.residual import Block
 from rich.console import Console
 from torch import nn
 
@@ -34,24 +35,6 @@ user_model = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(user_model)
 
 NO_CACHE = MeasureOptions(cache=False)
-
-
-class Block(nn.Module):
-    """A residual block: conv-bn-relu-conv-bn + (projection) shortcut, relu."""
-
-    def __init__(self, cin: int, cout: int, stride: int = 1) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.proj = None
-        if stride != 1 or cin != cout:
-            self.proj = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-
-    def forward(self, x):
-        y = self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x)))))
-        return torch.relu(y + (x if self.proj is None else self.proj(x)))
 
 
 class ResNet(nn.Module):
