@@ -437,7 +437,7 @@ def report_cmd(
         )
     render_stats(stats, loaded.name, console)
     if json_path is not None:
-        from ghostify.report import atomic_write_text
+        from ghostify.atomic import atomic_write_text
 
         atomic_write_text(json_path, json.dumps(stats.to_dict(), indent=2) + "\n")
 

@@ -8,8 +8,6 @@ far its outputs are from the eager model's.
 from __future__ import annotations
 
 import importlib.util
-import os
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -17,6 +15,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_leaves
 
+from ghostify.atomic import atomic_write
 from ghostify.deploy import deploy_form
 from ghostify.errors import ConfigError, FormatError
 from ghostify.modes import eval_mode
@@ -59,22 +58,16 @@ def export(
         raise ConfigError(f"{path} is a folder; give a file name such as {path / 'model'}{FORMATS[format]}.")
     if example_inputs is None:
         example_inputs = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(0))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", suffix=FORMATS[format], dir=path.parent)
-    os.close(fd)
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; the output is an ordinary file
+
+    def write(tmp: str) -> None:
         target = deploy_form(model, example_inputs) if deploy else model
         with eval_mode(target), torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # the exporters' notes on constant folding etc.
             (_export_onnx if format == "onnx" else _export_program)(target, example_inputs, tmp)
-        os.replace(tmp, path)
-    except BaseException as err:
-        Path(tmp).unlink(missing_ok=True)
-        if not isinstance(err, Exception):
-            raise
+
+    try:
+        atomic_write(path, write, suffix=FORMATS[format])
+    except Exception as err:
         other = next(f for f in FORMATS if f != format)
         raise FormatError(
             f"{format} export failed ({_one_line(err)}); try the {other} format instead "

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ghostify.analysis import ConversionReport
+from ghostify.atomic import atomic_write_text
 from ghostify.data import build_eval_loader, build_train_loader, check_num_classes, find_split
 from ghostify.distill.config import DistillConfig
 from ghostify.distill.distributed import World
@@ -24,7 +25,7 @@ from ghostify.distill.trainer import DistillData, DistillResult, distill
 from ghostify.errors import DataError
 from ghostify.io import RECIPE_FILE, Recipe
 from ghostify.modes import eval_mode
-from ghostify.report import atomic_write_text, to_markdown
+from ghostify.report import to_markdown
 from ghostify.rewrite.result import ConversionResult
 
 __all__ = ["REPORT_STAGES", "open_data", "recipe_entry", "recover", "write_results"]

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +16,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from ghostify.analysis import ConversionReport, LatencyStats, ModelStats, SiteRow
+from ghostify.atomic import atomic_write_text
 
 SKIPPED_SHOWN = 5
 _UNITS = ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "K"))
@@ -352,22 +351,6 @@ def render(report: ConversionReport, console: Console | None = None, max_rows: i
         _rich_render(report, console, max_rows)
     else:
         console.out(render_plain(report, max_rows), highlight=False, end="")
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write `text` to `path` via a temp file in the same folder and os.replace (never half-written)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write_json(report: ConversionReport, path: str | Path) -> None:

@@ -276,7 +276,7 @@ class LatencyCache:
         """Merge this run's timings into the file; returns a note when the file cannot be written."""
         if not self.new:
             return None
-        from ghostify.report import atomic_write_text
+        from ghostify.atomic import atomic_write_text
 
         merged = {**self._read(), **self.new}
         try:

@@ -10,14 +10,13 @@ Each file is written to a temporary name in the same folder and renamed over the
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from ghostify.atomic import atomic_write
 from ghostify.errors import FormatError
 from ghostify.io import WEIGHTS_FILE
 
@@ -26,22 +25,11 @@ __all__ = ["STATE_FILE", "fingerprint", "read_checkpoint", "write_checkpoint", "
 STATE_FILE = "train_state.pt"
 
 
-def _atomic(path: Path, write) -> None:  # noqa: ANN001 - write(temp_path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_weights_atomic(model: nn.Module, path: str | Path) -> None:
     """model.safetensors, replaced in one rename."""
     from safetensors.torch import save_model
 
-    _atomic(Path(path), lambda tmp: save_model(model, tmp, metadata={"format": "pt"}))
+    atomic_write(Path(path), lambda tmp: save_model(model, tmp, metadata={"format": "pt"}))
 
 
 def model_signature(model: nn.Module) -> str:
@@ -58,7 +46,7 @@ def fingerprint(model: nn.Module, options: dict[str, Any], world_size: int) -> d
 def write_checkpoint(out_dir: str | Path, model: nn.Module, state: dict[str, Any]) -> None:
     """train_state.pt first (it alone is enough to resume), then the loadable model.safetensors."""
     out_dir = Path(out_dir)
-    _atomic(out_dir / STATE_FILE, lambda tmp: torch.save(state, tmp))
+    atomic_write(out_dir / STATE_FILE, lambda tmp: torch.save(state, tmp))
     save_weights_atomic(model, out_dir / WEIGHTS_FILE)
 
 

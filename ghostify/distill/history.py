@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ghostify.report import atomic_write_text
+from ghostify.atomic import atomic_write, atomic_write_text
 
 __all__ = ["EvalRecord", "History", "StepRecord"]
 
@@ -222,16 +220,7 @@ class History:
         self._plot_loss(loss_ax)
         self._plot_accuracy(acc_ax)
 
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                fig.savefig(f, format="png", dpi=100)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
 
     def _plot_loss(self, ax: Any) -> None:
         records = self.records()
