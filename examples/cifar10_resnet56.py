@@ -60,6 +60,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of {', '.join(ROWS)}")
     p.add_argument("--epochs", type=float, default=2.0, help="training budget of every row, in epochs")
     p.add_argument("--blockwise", type=float, default=1.0, help="ghost rows: epochs of it block-wise")
+    d = DistillConfig()  # the library's defaults
+    p.add_argument("--blockwise-lr", type=float, default=d.blockwise_lr, help="ghost rows: block-wise lr")
+    p.add_argument("--calib-batches", type=int, default=d.calib_batches, help="ghost rows: 0 = none")
+    p.add_argument("--temperature", type=float, default=d.temperature, help="KL softening, every row")
+    p.add_argument("--kd-weight", type=float, default=d.kd_weight, help="KL weight, every row")
+    p.add_argument("--ce-weight", type=float, default=d.ce_weight, help="CE weight, every row")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads [default: torch's]")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--limit-train", type=int, default=None, help="train on a fixed subset of this many")
@@ -112,9 +119,9 @@ def run_row(row: str, args: argparse.Namespace, data: DistillData, teacher: nn.M
     start = time.perf_counter()
     budget = args.epochs
     example = torch.randn(2, *cifar_resnet.input_size, generator=torch.Generator().manual_seed(0))
-    e2e_only = DistillConfig(
-        epochs=budget, blockwise_epochs=0, calib_batches=0, batch_size=args.batch_size, workers=args.workers
-    )
+    losses = dict(temperature=args.temperature, kd_weight=args.kd_weight, ce_weight=args.ce_weight)
+    common = dict(batch_size=args.batch_size, workers=args.workers, **losses)
+    e2e_only = DistillConfig(epochs=budget, blockwise_epochs=0, calib_batches=0, **common)
     if row == "teacher":
         acc = evaluate(teacher, data.val, progress=not args.quiet)
         return {
@@ -124,15 +131,17 @@ def run_row(row: str, args: argparse.Namespace, data: DistillData, teacher: nn.M
             "seconds": time.perf_counter() - start,
         }
     if row == "teacher-ft":
-        student, config = copy.deepcopy(teacher), DistillConfig(**{**e2e_only.to_dict(), "kd_weight": 0.0})
+        ce_only = {**e2e_only.to_dict(), "kd_weight": 0.0, "ce_weight": 1.0}
+        student, config = copy.deepcopy(teacher), DistillConfig(**ce_only)
         outcome = ghostify.distill(student, teacher, data, config, progress=not args.quiet)
     elif row in ("c-ghost", "g-ghost"):
         result = convert_model(teacher, ConvertConfig(mode=row, ratio=2), example_inputs=example)
         config = DistillConfig(
             blockwise_epochs=args.blockwise,
+            blockwise_lr=args.blockwise_lr,
+            calib_batches=args.calib_batches,
             epochs=max(0.0, budget - args.blockwise),
-            batch_size=args.batch_size,
-            workers=args.workers,
+            **common,
         )
         outcome = ghostify.distill(result, teacher, data, config, progress=not args.quiet)
         student = result.model
@@ -180,6 +189,8 @@ def main(argv: list[str] | None = None) -> None:
     if unknown:
         raise SystemExit(f"unknown rows {', '.join(unknown)}; choose from {', '.join(ROWS)}")
     torch.manual_seed(0)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     data = load_data(args)
     teacher = teacher_model(args)
     results: list[dict] = []
