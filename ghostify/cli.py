@@ -56,6 +56,10 @@ EpochsOpt = Annotated[float, typer.Option(help="End-to-end distillation epochs (
 StepsOpt = Annotated[int | None, typer.Option(help="End-to-end steps (overrides --epochs).")]
 BlockEpochsOpt = Annotated[float, typer.Option(help="Block-wise distillation epochs (0 skips).")]
 BlockStepsOpt = Annotated[int | None, typer.Option(help="Block-wise steps (overrides --blockwise-epochs).")]
+BlockInputsOpt = Annotated[
+    str, typer.Option(help="Block-wise: feed each block the student's own input (student) or the teacher's.")
+]
+BlockLrOpt = Annotated[float, typer.Option(help="Block-wise peak learning rate (AdamW).")]
 CalibOpt = Annotated[int, typer.Option(help="Batches for the closed-form calibration (0 skips).")]
 BatchOpt = Annotated[int, typer.Option(help="Training / evaluation batch size (per process).")]
 LrOpt = Annotated[float | None, typer.Option(help="Peak lr [default: 0.05 sgd / 1e-3 adamw, x batch/128].")]
@@ -207,6 +211,8 @@ def convert_cmd(
     steps: StepsOpt = None,
     blockwise_epochs: BlockEpochsOpt = 1.0,
     blockwise_steps: BlockStepsOpt = None,
+    blockwise_inputs: BlockInputsOpt = "student",
+    blockwise_lr: BlockLrOpt = 1e-3,
     calib_batches: CalibOpt = 8,
     batch_size: BatchOpt = 128,
     lr: LrOpt = None,
@@ -455,6 +461,8 @@ def distill_cmd(
     steps: StepsOpt = None,
     blockwise_epochs: BlockEpochsOpt = 1.0,
     blockwise_steps: BlockStepsOpt = None,
+    blockwise_inputs: BlockInputsOpt = "student",
+    blockwise_lr: BlockLrOpt = 1e-3,
     calib_batches: CalibOpt = 8,
     batch_size: BatchOpt = 128,
     lr: LrOpt = None,

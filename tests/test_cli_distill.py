@@ -94,6 +94,7 @@ def test_distill_subcommand_continues_a_saved_model(capsys, tmp_path, spec, data
         (["--num-classes", "10", "--data", "{data}"], "has 2 classes but the model outputs 10"),
         (["--num-classes", "2", "--data", "{data}", "--batch-size", "64"], "batch size 64 is larger"),
         (["--num-classes", "2", "--data", "{data}", "--optimizer", "lion"], "optimizer must be one of"),
+        (["--num-classes", "2", "--data", "{data}", "--blockwise-inputs", "x"], "choose student or teacher"),
         (["--num-classes", "2", "--resume"], "--resume continues a distillation run: give --data"),
     ],
 )

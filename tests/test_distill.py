@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import ghostify
 from ghostify.config import ConvertConfig
 from ghostify.distill import DistillConfig, DistillData, refresh_bn_stats
-from ghostify.distill.blocks import find_blocks
+from ghostify.distill.blocks import TeacherTaps, find_blocks, student_inputs
 from ghostify.distill.checkpoint import STATE_FILE
 from ghostify.errors import ConfigError, DataError, FormatError, TrainingError
 from ghostify.rewrite import convert_model
@@ -82,13 +82,34 @@ def _first_last(out, phase, part):
     return records[0].parts[part], records[-1].parts[part]
 
 
-def test_blockwise_learns(teacher):
+@pytest.mark.parametrize("inputs", ["student", "teacher"])
+def test_blockwise_learns(teacher, inputs):
     result = _converted(teacher)
-    config = _config(calib_batches=0, blockwise_steps=8, steps=0, blockwise_lr=1e-2, warmup_fraction=0)
+    config = _config(
+        calib_batches=0,
+        blockwise_steps=8,
+        steps=0,
+        blockwise_lr=1e-2,
+        warmup_fraction=0,
+        blockwise_inputs=inputs,
+    )
     first, last = _first_last(
         ghostify.distill(result, teacher, _data(), config, progress=False), "blockwise", "mse"
     )
     assert last < 0.9 * first
+
+
+def test_student_inputs_are_what_the_student_feeds_each_block(teacher):
+    result = _converted(teacher)
+    blocks = find_blocks(result.model, teacher, result)
+    x = _data().train.dataset.tensors[0][:8]
+    with torch.no_grad(), TeacherTaps(blocks) as taps, student_inputs(blocks) as seen:
+        teacher(x)
+        result.model.eval()(x)
+        teacher_inputs = dict(taps.inputs)  # the taps forget them on exit
+    first, last = blocks[0].name, blocks[-1].name
+    assert torch.equal(seen[first], teacher_inputs[first])  # the unconverted stem feeds both alike
+    assert not torch.allclose(seen[last], teacher_inputs[last])  # the converted blocks before it differ
 
 
 def test_end_to_end_learns(teacher):
@@ -219,6 +240,7 @@ def test_batch_larger_than_data(teacher):
         ({"epochs": -1}, "--epochs must be >= 0"),
         ({"kd_weight": 0, "ce_weight": 0}, "nothing to train on"),
         ({"warmup_fraction": 1.5}, "warmup_fraction"),
+        ({"blockwise_inputs": "both"}, "--blockwise-inputs"),
     ],
 )
 def test_bad_options(options, message):

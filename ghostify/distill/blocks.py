@@ -5,13 +5,16 @@ its target the output of the last module it absorbed. A G-Ghost stage stands in 
 blocks: its teacher input is the first block's input and its target the last block's output. Sites nested
 inside a G-Ghost stage (mode "both") are covered by their stage.
 
-`TeacherTaps` records those tensors during one teacher forward, so that every block can be trained from
-the teacher's own input to it, all in parallel (block-wise distillation), or so that the student's site
-outputs can be compared with the teacher's (feature loss).
+`TeacherTaps` records those tensors during one teacher forward, so that every block can be trained
+towards the teacher's output there, all in parallel (block-wise distillation), from the teacher's input
+to it or from the student's own (`student_inputs`), or so that the student's site outputs can be
+compared with the teacher's (feature loss).
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -21,7 +24,7 @@ from ghostify.modules.ghost_module import GhostModule
 from ghostify.modules.ghost_stage import GGhostStage
 from ghostify.rewrite.result import ConversionResult
 
-__all__ = ["Block", "TeacherTaps", "find_blocks"]
+__all__ = ["Block", "TeacherTaps", "find_blocks", "student_inputs"]
 
 
 @dataclass
@@ -102,6 +105,28 @@ class TeacherTaps:
         for handle in self._handles:
             handle.remove()
         self.clear()
+
+
+@contextlib.contextmanager
+def student_inputs(blocks: list[Block]) -> Iterator[dict[str, torch.Tensor]]:
+    """name -> the input each block's student module got in the latest forward inside the `with`.
+
+    Detached copies: training a block from them leaves the blocks before it alone.
+    """
+    seen: dict[str, torch.Tensor] = {}
+
+    def keeper(name: str):  # noqa: ANN202
+        def hook(module, args):
+            seen[name] = args[0].detach().clone()
+
+        return hook
+
+    handles = [b.student.register_forward_pre_hook(keeper(b.name)) for b in blocks]
+    try:
+        yield seen
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def relative_mse(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -11,6 +11,7 @@ from ghostify.errors import ConfigError
 
 OPTIMIZERS = ("sgd", "adamw")
 AMP = ("auto", "bf16", "fp16", "off")
+BLOCKWISE_INPUTS = ("student", "teacher")
 
 # Options that change what a run computes: a checkpoint written under other values cannot be resumed.
 RESUME_KEYS = (
@@ -23,6 +24,7 @@ RESUME_KEYS = (
     "optimizer",
     "lr",
     "blockwise_lr",
+    "blockwise_inputs",
     "weight_decay",
     "warmup_fraction",
     "temperature",
@@ -55,6 +57,9 @@ class DistillConfig:
         optimizer: "sgd" (momentum 0.9, nesterov) or "adamw", for the end-to-end phase.
         lr: end-to-end peak learning rate [default: 0.05 for sgd, 1e-3 for adamw, scaled by batch / 128].
         blockwise_lr: block-wise peak learning rate (AdamW).
+        blockwise_inputs: what each converted block is fed during block-wise training: "student" (its
+            input in the student, as calibration does, so each block keeps compensating the errors of
+            the blocks before it) or "teacher" (the teacher's input there: blocks independent).
         weight_decay: [default: 5e-4 for sgd, 0.05 for adamw].
         warmup_fraction: fraction of each phase's steps spent warming the learning rate up linearly
             (then cosine to zero).
@@ -84,6 +89,7 @@ class DistillConfig:
     optimizer: str = "sgd"
     lr: float | None = None
     blockwise_lr: float = 1e-3
+    blockwise_inputs: str = "student"
     weight_decay: float | None = None
     warmup_fraction: float = 0.05
     temperature: float = 4.0
@@ -106,6 +112,10 @@ class DistillConfig:
         self.amp = str(self.amp).lower()
         if self.optimizer not in OPTIMIZERS:
             raise ConfigError(f"optimizer must be one of {', '.join(OPTIMIZERS)} (got {self.optimizer!r}).")
+        if self.blockwise_inputs not in BLOCKWISE_INPUTS:
+            raise ConfigError(
+                f"unknown --blockwise-inputs {self.blockwise_inputs!r}; choose student or teacher."
+            )
         if self.amp not in AMP:
             raise ConfigError(f"amp must be one of {', '.join(AMP)} (got {self.amp!r}).")
         for name in ("epochs", "blockwise_epochs"):

@@ -5,8 +5,9 @@ model as a frozen teacher:
 
 1. calibrate: the closed-form refit of `ghostify.distill.calibrate` on a few batches (no gradients);
 2. block-wise: every converted site (C-Ghost module, G-Ghost stage) learns to reproduce the teacher's
-   output for it from the teacher's own input to it; all sites train in parallel from one teacher
-   forward pass (relative MSE, AdamW, warm-up + cosine);
+   output for it, all sites in parallel from one teacher forward pass (relative MSE, AdamW, warm-up +
+   cosine); each site is fed its input in the student (default: it keeps compensating the errors of
+   the sites before it, as calibration fitted it to) or the teacher's input there (`blockwise_inputs`);
 3. end-to-end: the student in train mode learns from the teacher's softened logits (KL), the labels
    (cross-entropy, when there are labels) and optionally the teacher's features at the converted sites.
 
@@ -30,7 +31,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
-from ghostify.distill.blocks import Block, TeacherTaps, find_blocks, relative_mse
+from ghostify.distill.blocks import Block, TeacherTaps, find_blocks, relative_mse, student_inputs
 from ghostify.distill.calibrate import CalibrationReport, calibrate, refresh_bn_stats
 from ghostify.distill.checkpoint import STATE_FILE, fingerprint, read_checkpoint, write_checkpoint
 from ghostify.distill.config import DistillConfig
@@ -305,7 +306,7 @@ class _Run:
             module = nn.parallel.DistributedDataParallel(module, device_ids=ids)
         step_fn = self._blockwise_step if phase == "blockwise" else self._end_to_end_step
         taps = (
-            TeacherTaps(self.blocks, inputs=phase == "blockwise")
+            TeacherTaps(self.blocks, inputs=phase == "blockwise" and c.blockwise_inputs == "teacher")
             if (phase == "blockwise" or c.feature_weight > 0)
             else contextlib.nullcontext()
         )
@@ -362,7 +363,13 @@ class _Run:
         taps.clear()
         with torch.no_grad():
             self.teacher(x)
-        outputs = bank([taps.inputs[b.name] for b in self.blocks])
+            if self.config.blockwise_inputs == "student":
+                with student_inputs(self.blocks) as seen:
+                    self.student(x)
+                inputs = [seen[b.name] for b in self.blocks]
+            else:
+                inputs = [taps.inputs[b.name] for b in self.blocks]
+        outputs = bank(inputs)
         losses = [
             relative_mse(out, taps.outputs[b.name]) for out, b in zip(outputs, self.blocks, strict=True)
         ]
