@@ -10,8 +10,8 @@ budget (`--epochs` passes over the training images, batch 128, SGD + warm-up/cos
 - teacher: the pretrained model as it is;
 - teacher-ft: the teacher fine-tuned on this (JPEG) data with cross-entropy: the fair reference;
 - c-ghost / g-ghost: ghostify at s=2: converted (data-free inheritance), calibrated (closed form, 8
-  batches), then `--blockwise` epochs of block-wise and the rest of the budget end-to-end distillation
-  (KL on softened logits + cross-entropy) -- `ghostify.distill` with its defaults;
+  batches), then `--blockwise` epochs of block-wise distillation (each block fed its input in the
+  student) and the rest of the budget end-to-end distillation (KL on softened logits + cross-entropy);
 - c-ghost-scratch: the same C-Ghost architecture from random weights, same budget and losses;
 - torch-pruning: the peer, Torch-Pruning (L2 group magnitude) on the blocks' inner channels pruned to
   C-Ghost's MACs (option-A shortcuts block pruning the residual width), same budget and losses.
@@ -62,6 +62,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--blockwise", type=float, default=1.0, help="ghost rows: epochs of it block-wise")
     d = DistillConfig()  # the library's defaults
     p.add_argument("--blockwise-lr", type=float, default=d.blockwise_lr, help="ghost rows: block-wise lr")
+    p.add_argument("--blockwise-inputs", default=d.blockwise_inputs, help="ghost rows: student or teacher")
     p.add_argument("--calib-batches", type=int, default=d.calib_batches, help="ghost rows: 0 = none")
     p.add_argument("--temperature", type=float, default=d.temperature, help="KL softening, every row")
     p.add_argument("--kd-weight", type=float, default=d.kd_weight, help="KL weight, every row")
@@ -139,6 +140,7 @@ def run_row(row: str, args: argparse.Namespace, data: DistillData, teacher: nn.M
         config = DistillConfig(
             blockwise_epochs=args.blockwise,
             blockwise_lr=args.blockwise_lr,
+            blockwise_inputs=args.blockwise_inputs,
             calib_batches=args.calib_batches,
             epochs=max(0.0, budget - args.blockwise),
             **common,
