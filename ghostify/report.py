@@ -48,11 +48,16 @@ def _fewer(ratio: float | None) -> str:
     return f"{ratio:.2f}x fewer" if ratio > 1 else f"{1 / ratio:.2f}x more"
 
 
-def _faster(speedup: float | None) -> str:
+def _faster(
+    speedup: float | None, before: LatencyStats | None = None, after: LatencyStats | None = None
+) -> str:
+    """'1.20x faster'; 'same (within noise)' when the after median lies inside the before p10-p90 spread."""
     if speedup is None:
         return "-"
     if round(speedup, 2) == 1.0:
         return "same"
+    if before is not None and after is not None and before.p10_ms <= after.median_ms <= before.p90_ms:
+        return f"same (within noise, {speedup:.2f}x)"
     return f"{speedup:.2f}x faster" if speedup > 1 else f"{1 / speedup:.2f}x slower"
 
 
@@ -94,7 +99,7 @@ def _summary_rows(report: ConversionReport, dash: str) -> list[tuple[str, str, s
             "latency",
             _latency_cell(b.latency, dash),
             _latency_cell(a.latency, dash),
-            _faster(report.latency_speedup),
+            _faster(report.latency_speedup, b.latency, a.latency),
         ),
     ]
     if report.accuracy:
@@ -332,7 +337,7 @@ def _rich_render(report: ConversionReport, console: Console, max_rows: int | Non
 
 def _styled(change: str) -> str:
     """A change cell in rich markup: green when better, red when worse, plain when unchanged or unknown."""
-    if change in ("-", "same"):
+    if change in ("-", "same") or change.startswith("same "):
         return change
     better = "fewer" in change or "faster" in change or change.startswith("+")
     return f"[{'green' if better else 'red'}]{change}[/]"

@@ -83,7 +83,7 @@ def test_render_plain_off_terminal() -> None:
     macs = next(line for line in lines if line.startswith("MACs"))
     assert macs.split() == ["MACs", "4.09G", "2.18G", "1.88x", "fewer"]
     latency = next(line for line in lines if line.startswith("latency "))
-    assert "120.00 ms (108.00-144.00)" in latency and latency.endswith("1.20x faster")
+    assert "120.00 ms (108.00-144.00)" in latency and latency.endswith("1.20x faster")  # 100 ms < p10 108
     assert "batch 1, 2 threads, device cpu" in out and "20 runs after 5 warm-up" in out
     site = next(line for line in lines if line.startswith("layer1.0.conv2"))
     assert "115.61M -> 59.01M" in site and site.endswith("1.96x")
@@ -246,3 +246,13 @@ def test_markdown_and_json_accuracy(tmp_path) -> None:
     data = json.loads((tmp_path / "r.json").read_text())
     assert list(data["accuracy"]) == ["original", "converted", "distilled"]
     assert data["accuracy"]["distilled"] == {"top1": 75.61, "top5": 92.70, "images": 50_000}
+
+
+def test_latency_change_inside_the_spread_is_called_noise() -> None:
+    report = _report()
+    report.before.latency = _latency(1.0)  # p10-p90 0.9-1.2 ms
+    report.after.latency = _latency(0.95)
+    buf = io.StringIO()
+    render(report, Console(file=buf, width=120))
+    latency = next(line for line in buf.getvalue().splitlines() if line.startswith("latency "))
+    assert latency.endswith("same (within noise, 1.05x)")
