@@ -40,7 +40,6 @@ except ImportError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, str(REPO_ROOT))
 
 import cifar_resnet  # noqa: E402  (this file's neighbours)
-from cifar_pruning import prune_inner_channels  # noqa: E402
 
 import ghostify  # noqa: E402
 from ghostify.analysis import count_macs, count_params  # noqa: E402
@@ -152,6 +151,10 @@ def run_row(row: str, args: argparse.Namespace, data: DistillData, teacher: nn.M
         student = reinitialise(result.model)
         outcome = ghostify.distill(student, teacher, data, e2e_only, progress=not args.quiet)
     elif row == "torch-pruning":
+        try:
+            from cifar_pruning import prune_inner_channels  # needs torch-pruning: the bench extra
+        except ImportError as err:
+            raise SystemExit(f"the torch-pruning row needs {err.name}: pip install -e '.[bench]'") from None
         target = macs.get("c-ghost") or size(convert_model(teacher, ConvertConfig(ratio=2)).model)["macs"]
         student, _ratio = prune_inner_channels(teacher, example[:1], target)
         outcome = ghostify.distill(student, teacher, data, e2e_only, progress=not args.quiet)
