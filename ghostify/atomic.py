@@ -3,7 +3,8 @@
 Every output ghostify writes -- reports, recipes, checkpoints, plots, exported models -- goes through
 `atomic_write`: the bytes go to a temporary file in the same folder, which is then renamed over the
 target in one step. A failed write removes its temporary file; a kill -9 may leave one behind, named
-`.NAME.*.tmp` (checkpoint reading sweeps those up).
+`.NAME.*.tmp` (or `.NAME.*SUFFIX` for a writer that asked for a suffix); checkpoint reading sweeps up
+the `.tmp` ones.
 """
 
 from __future__ import annotations

@@ -337,7 +337,7 @@ def _rich_render(report: ConversionReport, console: Console, max_rows: int | Non
 
 def _styled(change: str) -> str:
     """A change cell in rich markup: green when better, red when worse, plain when unchanged or unknown."""
-    if change in ("-", "same") or change.startswith("same "):
+    if change == "-" or change.startswith("same"):
         return change
     better = "fewer" in change or "faster" in change or change.startswith("+")
     return f"[{'green' if better else 'red'}]{change}[/]"
