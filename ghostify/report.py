@@ -211,6 +211,32 @@ def _decision_cells(decision: Any, arrow: str) -> tuple[str, ...]:
     )
 
 
+def _decision_totals(report: ConversionReport, arrow: str) -> list[tuple[str, ...]]:
+    """One totals row per unit ("conv", "stage"): the timed sites added up, as chosen and as if every
+    candidate were kept, so a report shows how much of the speed-up the sites alone can give."""
+    rows = []
+    for unit in dict.fromkeys(d.unit for d in report.decisions):
+        timed = [d for d in report.decisions if d.unit == unit and d.ms_before > 0 and d.ms_after > 0]
+        if not timed:
+            continue
+        before = sum(d.ms_before for d in timed)
+        chosen = sum(d.ms_after if d.choice != "original" else d.ms_before for d in timed)
+        every = sum(d.ms_after for d in timed)
+        macs_b = sum(d.macs_before for d in timed)
+        macs_a = sum(d.macs_after if d.choice != "original" else d.macs_before for d in timed)
+        rows.append(
+            (
+                f"total ({len(timed)} {unit}s, each timed alone)",
+                unit,
+                "",
+                f"{format_count(macs_b)} {arrow} {format_count(macs_a)}",
+                f"{_ms(before)} {arrow} {_ms(chosen)} ms",
+                f"chosen {before / chosen:.2f}x; every candidate {before / every:.2f}x",
+            )
+        )
+    return rows
+
+
 def _decisions_title(report: ConversionReport) -> str:
     kept = sum(d.choice != "original" for d in report.decisions)
     return f"latency selection: {kept} of {len(report.decisions)} timed sites kept"
@@ -270,7 +296,11 @@ def render_plain(report: ConversionReport, max_rows: int | None = 40) -> str:
     if report.decisions:
         shown, hidden = _shown_decisions(report, max_rows)
         lines += ["", _decisions_title(report)]
-        lines += _plain_table(_DECISION_HEADERS, [_decision_cells(d, "->") for d in shown])
+        totals = _decision_totals(report, "->")
+        table = _plain_table(_DECISION_HEADERS, [*(_decision_cells(d, "->") for d in shown), *totals])
+        if totals:  # a dashed rule above the totals, as under the header
+            table.insert(len(table) - len(totals), table[1])
+        lines += table
         if hidden:
             lines.append(f"... {hidden} more rows (use --json for all)")
     lines += _skipped_lines(report)
@@ -328,6 +358,11 @@ def _rich_render(report: ConversionReport, console: Console, max_rows: int | Non
             *cells, reason = _decision_cells(decision, "→")
             style = "green" if decision.choice != "original" else "red"
             table.add_row(*(escape(c) for c in cells), f"[{style}]{escape(reason)}[/]")
+        totals = _decision_totals(report, "→")
+        if totals:
+            table.add_section()  # a rule between the sites and their totals
+        for cells in totals:
+            table.add_row(*(escape(c) for c in cells), style="bold")
         console.print(table)
     for line in _skipped_lines(report):
         console.print(line, markup=False, highlight=False)
@@ -415,6 +450,7 @@ def to_markdown(report: ConversionReport) -> str:
         lines += ["No sites converted.", ""]
     if report.decisions:
         rows = [_decision_cells(d, "→") for d in report.decisions]
+        rows += [tuple(f"**{c}**" if c else "" for c in t) for t in _decision_totals(report, "→")]
         headers = tuple(h.replace("->", "→") for h in _DECISION_HEADERS)
         title = _decisions_title(report)
         lines += [f"### {title[0].upper()}{title[1:]}", "", *_md_table(headers, rows, {3, 4}), ""]

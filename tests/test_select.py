@@ -361,8 +361,12 @@ def test_report_shows_the_decisions(monkeypatch) -> None:
     line = next(ln for ln in plain.splitlines() if ln.startswith("block.conv1"))
     assert "1.000 -> 2.000 ms" in line and "reverted: 0.50x (slower)" in line and "original" in line
     assert "|" not in plain
+    # The totals add the sites up: 4.0 ms before; as chosen 0.5 + 1.0 (reverted) + 0.5 + 0.5.
+    total = next(ln for ln in plain.splitlines() if ln.startswith("total (4 convs"))
+    assert "4.000 -> 2.500 ms" in total and "chosen 1.60x; every candidate 1.14x" in total
 
     md = to_markdown(report)
+    assert "| **total (4 convs, each timed alone)** | **conv** |" in md
     assert "### Latency selection: 3 of 4 timed sites kept" in md
     assert "| block.conv1 | conv | original |" in md
 
@@ -374,6 +378,7 @@ def test_report_shows_the_decisions(monkeypatch) -> None:
     render(report, console=console)
     text = console.file.getvalue()
     assert "latency selection: 3 of 4 timed sites kept" in text and "reverted: 0.50x (slower)" in text
+    assert "chosen 1.60x; every candidate 1.14x" in text
 
 
 def test_real_timing_smoke() -> None:
