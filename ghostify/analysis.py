@@ -389,6 +389,32 @@ def _ratio(before: float, after: float) -> float | None:
 
 
 @dataclass
+class LatencyRow:
+    """Whole-model latency of the original and the result in one form at one batch size, interleaved.
+
+    Attributes:
+        form: "eager" (the modules as they are) or "deploy" (`ghostify.deploy_form`: BN folded, copies
+            folded; each model in its own deploy form, so the original is not handicapped).
+        batch_size: leading dimension of the input.
+        before: the original's latency.
+        after: the result's latency.
+    """
+
+    form: str
+    batch_size: int
+    before: LatencyStats
+    after: LatencyStats
+
+    @property
+    def speedup(self) -> float | None:
+        """before median / after median (> 1 means faster)."""
+        return _ratio(self.before.median_ms, self.after.median_ms)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "speedup": self.speedup}
+
+
+@dataclass
 class ConversionReport:
     """Before/after figures of one conversion, ready to render (see `ghostify.report`).
 
@@ -405,6 +431,8 @@ class ConversionReport:
             data was given (see `set_accuracy`).
         decisions: with a latency selection (`select="latency"`), one `ghostify.select.SiteDecision` per
             timed site: MACs and time before -> after and why it was kept or reverted; else empty.
+        latencies: whole-model latency per (form, batch size), the eager one at the report's batch first
+            (the same figures as `before.latency` / `after.latency`); empty when latency was not measured.
     """
 
     model: str
@@ -416,6 +444,7 @@ class ConversionReport:
     notes: list[str] = field(default_factory=list)
     accuracy: dict[str, dict[str, float]] = field(default_factory=dict)
     decisions: list[Any] = field(default_factory=list)
+    latencies: list[LatencyRow] = field(default_factory=list)
 
     @property
     def macs_ratio(self) -> float | None:
@@ -449,6 +478,7 @@ class ConversionReport:
             "notes": list(self.notes),
             "accuracy": {stage: dict(acc) for stage, acc in self.accuracy.items()},
             **({"decisions": [d.to_dict() for d in self.decisions]} if self.decisions else {}),
+            **({"latencies": [row.to_dict() for row in self.latencies]} if self.latencies else {}),
             "conventions": {**CONVENTIONS, "latency_conditions": self._latency_conditions()},
         }
 
@@ -501,11 +531,15 @@ def build_report(
     repeats: int = 20,
     warmup: int = 5,
     threads: int | None = None,
+    deploy: bool = True,
+    large_batch: int | None = None,
 ) -> ConversionReport:
     """Measure the original and the converted model and diff them site by site.
 
     Both models run where they are (the input follows each model's device). Latency, when asked for,
-    is measured side by side with `compare_latency`.
+    is measured side by side with `compare_latency`: eager at the input's batch, then (with `deploy`)
+    both models in their deploy forms, then (with `large_batch`) both forms again at that batch, with a
+    quarter of the rounds since each run is longer. A model without a deploy form gets a note instead.
 
     Args:
         original: the model before conversion (left untouched).
@@ -516,17 +550,14 @@ def build_report(
         repeats: timed latency rounds.
         warmup: untimed latency rounds.
         threads: intra-op CPU threads for the latency runs.
+        deploy: also time both models in deploy form.
+        large_batch: also time at this batch size (None or the input's batch: not again).
     """
     shape = tuple(int(d) for d in input_shape)
     example = torch.randn(shape)
     before = _static_stats(original, example)
     after = _static_stats(result.model, example)
-    if latency:
-        timed = compare_latency(
-            {"before": original, "after": result.model}, example, repeats, warmup, threads
-        )
-        before.latency, after.latency = timed["before"], timed["after"]
-    return ConversionReport(
+    report = ConversionReport(
         model=model_name,
         config=result.config.to_dict(),
         before=before,
@@ -536,6 +567,34 @@ def build_report(
         notes=list(result.notes),
         decisions=list(getattr(result, "decisions", [])),
     )
+    if latency:
+        forms = {"eager": (original, result.model)}
+        if deploy:
+            forms.update(_deploy_forms(original, result.model, example, report.notes))
+        batches = [(shape[0], repeats, warmup)]
+        if large_batch and large_batch != shape[0]:
+            batches.append((large_batch, max(3, repeats // 4), min(warmup, 1)))
+        for batch, rounds, warm in batches:
+            inputs = torch.randn(batch, *shape[1:])
+            for form, (old, new) in forms.items():
+                timed = compare_latency({"before": old, "after": new}, inputs, rounds, warm, threads)
+                report.latencies.append(LatencyRow(form, batch, timed["before"], timed["after"]))
+        before.latency, after.latency = report.latencies[0].before, report.latencies[0].after
+    return report
+
+
+def _deploy_forms(
+    original: nn.Module, converted: nn.Module, example: torch.Tensor, notes: list[str]
+) -> dict[str, tuple[nn.Module, nn.Module]]:
+    """{"deploy": (original, converted) in deploy form}, or {} with a note when one has none."""
+    from ghostify.deploy import deploy_form  # deploy imports the module library; keep analysis light
+
+    try:
+        pair = tuple(deploy_form(m, example.to(_model_device(m))) for m in (original, converted))
+    except Exception as err:  # noqa: BLE001 - a report must not fail on a form it only measures
+        notes.append(f"deploy-form latency not measured: {type(err).__name__}: {err}")
+        return {}
+    return {"deploy": pair}
 
 
 def _static_stats(model: nn.Module, example: torch.Tensor) -> ModelStats:

@@ -123,17 +123,19 @@ def _spec_for_recipe(spec: str) -> str:
 
 
 def _report_conversion(
-    original, result, name, shape, latency, repeats, warmup, threads, json_path, outcome=None
+    original, result, name, shape, latency, repeats, warmup, threads, json_path, outcome=None, large_batch=16
 ):  # noqa: ANN001, E501
     """Measure original vs converted (interleaved), print the report, write --json; return the report.
 
+    Latency: eager and deploy form, at the batch of `shape` and at `large_batch` (0: not).
     `outcome` (a DistillResult) adds the accuracy of each stage of a distillation run.
     """
     from ghostify.analysis import build_report, set_accuracy
     from ghostify.recovery import REPORT_STAGES
     from ghostify.report import render, write_json
 
-    with err_console.status("Measuring params, MACs and latency (original and converted, interleaved)..."):
+    batches = f"batch {shape[0]}" + (f" and {large_batch}" if large_batch else "")
+    with err_console.status(f"Measuring params, MACs and latency (eager and deploy form, {batches})..."):
         report = build_report(
             original,
             result,
@@ -143,6 +145,7 @@ def _report_conversion(
             repeats=repeats,
             warmup=warmup,
             threads=threads,
+            large_batch=large_batch or None,
         )
     for stage, label in REPORT_STAGES.items():
         if outcome is not None and stage in outcome.accuracy:
@@ -203,6 +206,9 @@ def convert_cmd(
     ] = None,
     latency: Annotated[bool, typer.Option(help="Measure CPU latency before/after.")] = True,
     latency_batch: Annotated[int, typer.Option(help="Batch size for the latency measurement.")] = 1,
+    large_batch: Annotated[
+        int, typer.Option(help="Also time at this larger batch (fewer runs); 0 = only --latency-batch.")
+    ] = 16,
     threads: Annotated[int | None, typer.Option(help="Torch threads for latency [default: torch's].")] = None,
     repeats: Annotated[int, typer.Option(help="Timed runs per model (median reported).")] = 20,
     warmup: Annotated[int, typer.Option(help="Untimed warm-up runs per model.")] = 5,
@@ -265,8 +271,8 @@ def convert_cmd(
         target=target,
         min_speedup=min_speedup,
     )
-    if latency_batch < 1 or repeats < 1 or warmup < 0:
-        raise ConfigError("--latency-batch and --repeats must be >= 1, --warmup >= 0.")
+    if latency_batch < 1 or repeats < 1 or warmup < 0 or large_batch < 0:
+        raise ConfigError("--latency-batch and --repeats must be >= 1, --warmup and --large-batch >= 0.")
     size = _parse_input_size(input_size)
     distill_config = None
     if data is not None:
@@ -314,7 +320,16 @@ def convert_cmd(
                 f"converted {len(result.sites)} sites in {time.perf_counter() - start:.1f} s", highlight=False
             )
             report = _report_conversion(
-                loaded.model, result, model, shape, latency, repeats, warmup, threads, json_path
+                loaded.model,
+                result,
+                model,
+                shape,
+                latency,
+                repeats,
+                warmup,
+                threads,
+                json_path,
+                large_batch=large_batch,
             )
             extra = {
                 "report.json": json.dumps(report.to_dict(), indent=2) + "\n",
@@ -409,6 +424,9 @@ def report_cmd(
     input_size: Annotated[str | None, typer.Option(help="C,H,W (or one size); default: the model's.")] = None,
     latency: Annotated[bool, typer.Option(help="Measure CPU latency.")] = True,
     latency_batch: Annotated[int, typer.Option(help="Batch size for the latency measurement.")] = 1,
+    large_batch: Annotated[
+        int, typer.Option(help="Also time at this larger batch (fewer runs); 0 = only --latency-batch.")
+    ] = 16,
     threads: Annotated[int | None, typer.Option(help="Torch threads for latency.")] = None,
     repeats: Annotated[int, typer.Option(help="Timed runs per model.")] = 20,
     json_path: Annotated[
@@ -424,12 +442,15 @@ def report_cmd(
     from ghostify.models import load_model
     from ghostify.report import render_stats
 
+    if large_batch < 0:
+        raise ConfigError("--large-batch must be >= 0 (0: time only at --latency-batch).")
     size = _parse_input_size(input_size)
     if Path(target).is_dir() or (Path(target) / RECIPE_FILE).exists():
         with err_console.status(f"Loading {target}..."):
             source, result, recipe = replay(target)
         shape = (latency_batch, *(size or recipe.input_size))
-        _report_conversion(source, result, recipe.model_spec, shape, latency, repeats, 5, threads, json_path)
+        _report_conversion(source, result, recipe.model_spec, shape, latency, repeats, 5, threads, json_path,
+                           large_batch=large_batch)  # fmt: skip
         return
     with err_console.status(f"Loading {target}..."):
         loaded = load_model(target, weights=weights, num_classes=num_classes, input_size=size)

@@ -114,6 +114,27 @@ def _summary_rows(report: ConversionReport, dash: str) -> list[tuple[str, str, s
     return rows
 
 
+_LATENCY_HEADERS = ("form", "batch", "runs", "before", "after", "change")
+LATENCY_TITLE = "latency by form and batch (ms, median and p10-p90, before/after interleaved)"
+
+
+def _latency_rows(report: ConversionReport, dash: str) -> list[tuple[str, ...]]:
+    """One row per (form, batch) when more than the summary's one was measured."""
+    if len(report.latencies) <= 1:
+        return []
+    return [
+        (
+            row.form,
+            str(row.batch_size),
+            str(row.before.runs),
+            _latency_cell(row.before, dash),
+            _latency_cell(row.after, dash),
+            _faster(row.speedup, row.before, row.after),
+        )
+        for row in report.latencies
+    ]
+
+
 def _result_stage(report: ConversionReport) -> str | None:
     """The stage the "after" column shows: the last one measured other than the original."""
     stages = [s for s in report.accuracy if s != "original"]
@@ -280,6 +301,9 @@ def render_plain(report: ConversionReport, max_rows: int | None = 40) -> str:
     lines += _plain_table(("", "before", "after", "change"), _summary_rows(report, "-"))
     lines += [c for c in (_conditions(report), _accuracy_conditions(report)) if c]
     lines.append("")
+    latencies = _latency_rows(report, "-")
+    if latencies:
+        lines += [LATENCY_TITLE, *_plain_table(_LATENCY_HEADERS, latencies), ""]
     accuracy = _accuracy_rows(report)
     if accuracy:
         lines += [*_plain_table(_ACCURACY_HEADERS, accuracy), ""]
@@ -320,6 +344,14 @@ def _rich_render(report: ConversionReport, console: Console, max_rows: int | Non
     for conditions in (_conditions(report), _accuracy_conditions(report)):
         if conditions:
             console.print(f"[dim]{escape(conditions)}[/]", highlight=False)
+    latencies = _latency_rows(report, "–")
+    if latencies:
+        table = Table(title=LATENCY_TITLE, box=box.SIMPLE)
+        for header in _LATENCY_HEADERS:
+            table.add_column(header, justify="left" if header == "form" else "right")
+        for *cells, change in latencies:
+            table.add_row(*(escape(c) for c in cells), _styled(change))
+        console.print(table)
     accuracy = _accuracy_rows(report)
     if accuracy:
         table = Table(title="accuracy by stage", box=box.SIMPLE)
@@ -438,6 +470,10 @@ def to_markdown(report: ConversionReport) -> str:
         if conditions:
             lines += ["", f"_{conditions}_"]
     lines.append("")
+    latencies = _latency_rows(report, "–")
+    if latencies:
+        title = f"### {LATENCY_TITLE[0].upper()}{LATENCY_TITLE[1:]}"
+        lines += [title, "", *_md_table(_LATENCY_HEADERS, latencies, {1, 2, 3, 4, 5}), ""]
     accuracy = _accuracy_rows(report)
     if accuracy:
         lines += ["### Accuracy", "", *_md_table(_ACCURACY_HEADERS, accuracy, {1, 2, 3, 4}), ""]

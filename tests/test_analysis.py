@@ -24,7 +24,9 @@ from ghostify.analysis import (
     set_accuracy,
 )
 from ghostify.config import ConvertConfig
+from ghostify.errors import ConversionError
 from ghostify.evaluate import EvalResult
+from ghostify.report import render_plain, to_markdown
 from ghostify.rewrite.result import ConversionResult, SiteRecord
 
 
@@ -207,6 +209,44 @@ def test_build_report_site_rows_and_ratios() -> None:
     assert report.config == ConvertConfig().to_dict()
     # The original is left as it was.
     assert isinstance(original.conv2, nn.Conv2d) and original.conv2.kernel_size == (3, 3)
+
+
+def test_build_report_times_eager_and_deploy_forms_at_two_batches() -> None:
+    original = TinyNet()
+    result = _fake_conversion(original)
+    report = build_report(
+        original, result, "tiny", (1, 3, 16, 16), latency=True, repeats=4, warmup=1, large_batch=8
+    )
+    assert [(r.form, r.batch_size, r.before.runs) for r in report.latencies] == [
+        ("eager", 1, 4),
+        ("deploy", 1, 4),
+        ("eager", 8, 3),  # a quarter of the rounds at the larger batch, at least 3
+        ("deploy", 8, 3),
+    ]
+    assert report.latencies[0].before is report.before.latency  # the summary row is eager at batch 1
+    assert all(r.before.batch_size == r.after.batch_size == r.batch_size for r in report.latencies)
+    data = json.loads(json.dumps(report.to_dict()))
+    assert [r["form"] for r in data["latencies"]] == ["eager", "deploy", "eager", "deploy"]
+    assert data["latencies"][3]["speedup"] == pytest.approx(report.latencies[3].speedup)
+
+    plain = render_plain(report)
+    assert "latency by form and batch" in plain
+    assert next(ln for ln in plain.splitlines() if ln.startswith("deploy  8")).split()[2] == "3"
+    assert "| deploy | 8 | 3 |" in to_markdown(report)
+
+
+def test_build_report_notes_a_model_without_a_deploy_form(monkeypatch) -> None:
+    import ghostify.deploy
+
+    def no_deploy_form(model, example_inputs=None):
+        raise ConversionError("the deploy form does not reproduce the model's outputs")
+
+    monkeypatch.setattr(ghostify.deploy, "deploy_form", no_deploy_form)
+    original = TinyNet()
+    report = build_report(original, _fake_conversion(original), "tiny", (1, 3, 8, 8), repeats=2, warmup=0)
+    assert [r.form for r in report.latencies] == ["eager"]
+    assert any(n.startswith("deploy-form latency not measured: ConversionError") for n in report.notes)
+    assert "latency by form and batch" not in render_plain(report)  # one row: the summary says it all
 
 
 def test_report_to_dict_is_json_able() -> None:
