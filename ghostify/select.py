@@ -50,7 +50,7 @@ from ghostify.rewrite.stages import call_model, find_stages
 
 CACHE_VERSION = 1
 CACHE_FILE = "latency.json"
-LABELS = {"original": "original", "c-ghost": "C-Ghost", "g-ghost": "G-Ghost"}
+LABELS = {"original": "original", "c-ghost": "C-Ghost", "g-ghost": "G-Ghost", "both": "G-Ghost + C-Ghost"}
 TIE = 0.01  # mode auto: times within 1% of the fastest count as a tie, won by the smaller change
 
 
@@ -82,7 +82,8 @@ class SiteDecision:
     Attributes:
         name: qualified module name (a conv, or a stage container).
         unit: "conv" (original conv+BN+act vs its C-Ghost module) or "stage" (a residual stage).
-        choice: "c-ghost", "g-ghost" or "original" (the replacement was reverted).
+        choice: "c-ghost", "g-ghost" or "original" (the replacement was reverted); a stage in mode auto
+            may also go "both" (G-Ghost, with the C-Ghost convs inside it that were faster alone).
         candidate: the replacement the "after" figures describe: the choice, or when reverted the best
             replacement measured.
         reason: e.g. "kept: 1.32x faster", "reverted: 0.91x (slower)", "reverted: 1.02x < --min-speedup 1.05".
@@ -412,6 +413,10 @@ def _conv_unit(base: nn.Module, site: SiteRecord, ghost: nn.Module) -> nn.Module
     return nn.Sequential(*parts)
 
 
+def _revert(decision: SiteDecision, why: str) -> None:
+    decision.choice, decision.reason = "original", f"reverted: {why}"
+
+
 class _Selection:
     """One latency selection: the phases of each mode, and the decisions they make."""
 
@@ -478,14 +483,18 @@ class _Selection:
             for s in sites
         ]
 
-    def convs(self, base: nn.Module) -> list[SiteDecision]:
-        """C-Ghost sites of `base`, each timed against the conv (+BN +activation) it replaces."""
+    def convs(self, base: nn.Module, within: list[str] | None = None) -> list[SiteDecision]:
+        """C-Ghost sites of `base` (only those inside the modules `within`, when given), each timed
+        against the conv (+BN +activation) it replaces."""
         cfg = self._plain("c-ghost", decided=None)
         candidate = ConversionResult(model=copy.deepcopy(base), config=cfg)
         apply_c_ghost(candidate.model, cfg, candidate)
-        shapes = record_inputs(base, [s.name for s in candidate.sites], self.example)
+        sites = candidate.sites
+        if within is not None:
+            sites = [s for s in sites if s.name.startswith(tuple(n + "." for n in within))]
+        shapes = record_inputs(base, [s.name for s in sites], self.example)
         decisions = []
-        for site in candidate.sites:
+        for site in sites:
             ghost = candidate.model.get_submodule(site.name)
             forms = {"original": _conv_unit(base, site, ghost), "c-ghost": ghost}
             decisions.append(self._measure(site.name, "conv", forms, shapes.get(site.name), {}))
@@ -503,38 +512,48 @@ class _Selection:
         return stages + self.convs(base)
 
     def auto(self) -> list[SiteDecision]:
-        """Mode "auto": each conv alone first; then per stage, the fastest of original, G-Ghost and the
-        stage with its kept C-Ghost convs; convs outside stages keep their own decisions."""
+        """Mode "auto": each conv alone first, in the original and inside each G-Ghost stage; then per
+        stage, the fastest of original, G-Ghost, the stage with its kept C-Ghost convs, and G-Ghost with
+        its kept inner C-Ghost convs ("both"); convs outside stages keep their own decisions."""
         convs = self.convs(self.model)
         g_forms = self._g_ghost_forms()
+        g_stages = {name: "g-ghost" for name, form in g_forms.items() if form is not None}
+        inner = self.convs(self._converted("g-ghost", g_stages), within=list(g_stages)) if g_stages else []
         kept_convs = {d.name: "c-ghost" for d in convs if d.choice == "c-ghost"}
-        c_model = None
+        kept_inner = {d.name: "c-ghost" for d in inner if d.choice == "c-ghost"}
+        c_model = both_model = None  # built on first use: the model with every kept conv, per kind
         shapes = record_inputs(self.model, list(g_forms), self.example)
         stages = []
-        by_name = {d.name: d for d in convs}
+        by_name = {d.name: d for d in (*convs, *inner)}
         for name, g_stage in g_forms.items():
             inside = [n for n in kept_convs if n.startswith(name + ".")]
+            inside_g = [n for n in kept_inner if n.startswith(name + ".")]
             forms = {"original": self.model.get_submodule(name)}
             if g_stage is not None:
                 forms["g-ghost"] = g_stage
             if inside:
-                if c_model is None:  # the model with every kept C-Ghost conv, for the stages' C-Ghost forms
-                    c_model = convert_sites(
-                        self.model, self._plain("c-ghost", kept_convs), self.example
-                    ).model
+                if c_model is None:
+                    c_model = self._converted("c-ghost", kept_convs)
                 forms["c-ghost"] = c_model.get_submodule(name)
+            if inside_g:
+                if both_model is None:
+                    both_model = self._converted("both", {**g_stages, **kept_inner})
+                forms["both"] = both_model.get_submodule(name)
             if len(forms) == 1:
                 continue
-            decision = self._measure(
-                name, "stage", forms, shapes.get(name), {"g-ghost": 1, "c-ghost": len(inside)}
-            )
+            changes = {"g-ghost": 1, "c-ghost": len(inside), "both": 1 + len(inside_g)}
+            decision = self._measure(name, "stage", forms, shapes.get(name), changes)
             stages.append(decision)
-            if decision.choice != "c-ghost":
-                went = "went G-Ghost" if decision.choice == "g-ghost" else "is faster left original"
-                for conv in inside:
-                    by_name[conv].choice = "original"
-                    by_name[conv].reason = f"reverted: its stage {name} {went}"
-        return stages + convs
+            choice = decision.choice
+            went = "is faster left original" if choice == "original" else f"went {LABELS[choice]}"
+            for conv in inside if choice != "c-ghost" else []:
+                _revert(by_name[conv], f"its stage {name} {went}")
+            for conv in inside_g if choice != "both" else []:
+                _revert(by_name[conv], f"its stage {name} {went}" + (" alone" if choice == "g-ghost" else ""))
+        return stages + convs + inner
+
+    def _converted(self, mode: str, decided: dict[str, str]) -> nn.Module:
+        return convert_sites(self.model, self._plain(mode, decided), self.example).model
 
     def _g_ghost_forms(self) -> dict[str, nn.Module | None]:
         """Eligible stage -> its G-Ghost form, or None where G-Ghost cannot restructure it (noted)."""
@@ -611,7 +630,8 @@ def select_by_latency(
         decisions = selection.run()
     finally:
         cache_note = timer.flush()
-    decided = {d.name: d.choice for d in decisions}
+    # a stage that went "both" is a G-Ghost stage; its kept inner convs are decisions of their own
+    decided = {d.name: "g-ghost" if d.choice == "both" else d.choice for d in decisions}
     final = dataclasses.replace(config, target=target, decided=decided)
     result = convert_sites(model, final, example_inputs)
     result.decisions = decisions

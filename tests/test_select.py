@@ -70,7 +70,7 @@ class FakeTimer:
 
     def __init__(self, times: dict[tuple[str, str], float] | None = None, **default: float) -> None:
         self.times = times or {}
-        self.default = {"original": 1.0, "c-ghost": 0.5, "g-ghost": 0.5, **default}
+        self.default = {"original": 1.0, "c-ghost": 0.5, "g-ghost": 0.5, "both": 0.5, **default}
         self.calls: list[str] = []
 
     def __call__(self, site, modules, input_shape, target, options):
@@ -179,10 +179,11 @@ def test_nothing_faster_leaves_the_model_unchanged(monkeypatch) -> None:
 
 
 AUTO_CASES = {
-    "g-ghost fastest": ({"original": 10.0, "g-ghost": 5.0, "c-ghost": 8.0}, "g-ghost"),
-    "c-ghost fastest": ({"original": 10.0, "g-ghost": 9.0, "c-ghost": 6.0}, "c-ghost"),
-    "nothing faster": ({"original": 10.0, "g-ghost": 12.0, "c-ghost": 11.0}, "original"),
-    "tie, fewer changes": ({"original": 10.0, "g-ghost": 5.0, "c-ghost": 5.0}, "g-ghost"),
+    "g-ghost fastest": ({"original": 10.0, "g-ghost": 5.0, "c-ghost": 8.0, "both": 7.0}, "g-ghost"),
+    "c-ghost fastest": ({"original": 10.0, "g-ghost": 9.0, "c-ghost": 6.0, "both": 7.0}, "c-ghost"),
+    "both fastest": ({"original": 10.0, "g-ghost": 6.0, "c-ghost": 8.0, "both": 4.0}, "both"),
+    "nothing faster": ({"original": 10.0, "g-ghost": 12.0, "c-ghost": 11.0, "both": 13.0}, "original"),
+    "tie, fewer changes": ({"original": 10.0, "g-ghost": 5.0, "c-ghost": 5.0, "both": 5.0}, "g-ghost"),
 }
 
 
@@ -196,23 +197,38 @@ def test_auto_chooses_per_stage(monkeypatch, case) -> None:
     by_name = {d.name: d for d in result.decisions}
     stage = by_name["stage2"]
     assert (stage.unit, stage.choice) == ("stage", expected)
-    assert set(stage.times_ms) == {"original", "g-ghost", "c-ghost"}
+    assert set(stage.times_ms) == {"original", "g-ghost", "c-ghost", "both"}
     stage2 = result.model.stage2
-    assert isinstance(stage2, GGhostStage) == (expected == "g-ghost")
-    inner = [d for n, d in by_name.items() if n.startswith("stage2.")]
-    assert inner and all(d.choice == ("c-ghost" if expected == "c-ghost" else "original") for d in inner)
-    assert isinstance(stage2[0].conv1 if expected != "g-ghost" else stage2.base.conv1, nn.Conv2d) == (
-        expected != "c-ghost"
-    )
+    assert isinstance(stage2, GGhostStage) == (expected in ("g-ghost", "both"))
+    assert result.config.decided["stage2"] == ("g-ghost" if expected == "both" else expected)
+    # convs of the original stage, and convs inside its G-Ghost form, each timed alone
+    in_original = [d for n, d in by_name.items() if n.startswith("stage2.") and n[7].isdigit()]
+    in_g_ghost = [
+        d for n, d in by_name.items() if n.startswith(("stage2.base.", "stage2.layers.", "stage2.end."))
+    ]
+    assert in_original and in_g_ghost
+    assert all(d.choice == ("c-ghost" if expected == "c-ghost" else "original") for d in in_original)
+    assert all(d.choice == ("c-ghost" if expected == "both" else "original") for d in in_g_ghost)
+    if expected == "c-ghost":
+        assert isinstance(stage2[0].conv1, GhostModule)
+    elif expected == "original":
+        assert isinstance(stage2[0].conv1, nn.Conv2d)
+    else:
+        assert isinstance(stage2.base.conv1, GhostModule if expected == "both" else nn.Conv2d)
     # outside stages (stage1 has 2 blocks: no G-Ghost stage) each conv decides alone: all kept here
     assert isinstance(result.model.stage1[0].conv1, GhostModule)
     assert by_name["stage1.0.conv1"].reason == "kept: 2.00x faster"
     if expected == "g-ghost":
         assert by_name["stage2.1.conv1"].reason == "reverted: its stage stage2 went G-Ghost"
+        assert by_name["stage2.base.conv1"].reason == "reverted: its stage stage2 went G-Ghost alone"
     if case == "g-ghost fastest":
-        assert stage.reason == "kept: G-Ghost 2.00x faster (C-Ghost 1.25x)"
+        assert stage.reason == "kept: G-Ghost 2.00x faster (G-Ghost + C-Ghost 1.43x, C-Ghost 1.25x)"
     if case == "nothing faster":
-        assert stage.reason == "reverted: best C-Ghost 0.91x (slower) (G-Ghost 0.83x)"
+        assert stage.reason.startswith("reverted: best C-Ghost 0.91x (slower) (G-Ghost 0.83x")
+    # the saved decisions rebuild the same architecture without timing
+    monkeypatch.setattr(select, "time_modules", _no_timing)
+    again = convert_model(_resnet(), result.config, _example(2))
+    assert _shapes(again.model) == _shapes(result.model)
 
 
 def test_choose_and_verdict() -> None:
