@@ -259,13 +259,18 @@ def _worker_failure(err: BaseException) -> str | None:
 
 class _SkippingLoader(DataLoader):
     """A DataLoader that never yields a batch whose every image was unreadable, and that reports a
-    crashed worker process as a DataError that says what to do."""
+    crashed worker process as a DataError that says what to do.
+
+    `keep_gaps = True` yields None in place of such a batch instead, so that a caller counting batch
+    positions (the trainer, to resume at the right batch) stays aligned with the sampler."""
+
+    keep_gaps = False
 
     def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
         batches = super().__iter__()
         try:
             for batch in batches:
-                if batch is not None:
+                if batch is not None or self.keep_gaps:
                     yield batch
         except Exception as err:
             reason = _worker_failure(err)

@@ -246,3 +246,32 @@ def test_batch_larger_than_data(teacher):
 def test_bad_options(options, message):
     with pytest.raises(ConfigError, match=message):
         DistillConfig(**options)
+
+
+class _Holes(torch.utils.data.Dataset):
+    """Eight labelled images; the ones at `holes` are unreadable (None, as ghostify's folders give)."""
+
+    def __init__(self, holes):
+        g = torch.Generator().manual_seed(0)
+        self.x, self.y, self.holes = torch.randn(8, 3, 32, 32, generator=g), torch.arange(8) % 10, holes
+
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, i):
+        return None if i in self.holes else (self.x[i], self.y[i])
+
+
+def test_an_unreadable_batch_is_a_step_without_an_update(teacher):
+    from ghostify.data import _SkippingLoader, collate_skip_none
+
+    loader = _SkippingLoader(_Holes({5}), batch_size=1, collate_fn=collate_skip_none)
+    assert len(list(loader)) == 7  # a plain pass drops it
+    loader.keep_gaps = True
+    assert [b is None for b in loader].count(True) == 1  # the trainer keeps its place
+    data = DistillData(loader, DataLoader(TensorDataset(loader.dataset.x, loader.dataset.y), 4))
+    config = _config(steps=8, blockwise_epochs=0, calib_batches=0, batch_size=1)
+    out = ghostify.distill(_converted(teacher), teacher, data, config, progress=False)
+    # one epoch of eight positions: eight steps, seven updates; before, the gap shifted every later batch
+    assert out.steps == {"end-to-end": 8}
+    assert len([r for r in out.history.records() if r.phase == "end-to-end"]) == 7

@@ -174,7 +174,8 @@ class _Run:
         """(step, batch) from `start` to `total`, epoch after epoch, in an order fixed by seed and epoch.
 
         Each epoch's order comes from torch's DistributedSampler (this rank's share; the whole data in a
-        world of one), so a resumed run skips exactly the batches it already trained on.
+        world of one), so a resumed run skips exactly the batches it already trained on. A batch whose
+        every image was unreadable comes as None and still counts as a step, so positions stay aligned.
         """
         base = self.data.train
         sampler = DistributedSampler(
@@ -197,6 +198,7 @@ class _Run:
                 collate_fn=base.collate_fn,
                 pin_memory=base.pin_memory,
             )
+            loader.keep_gaps = True  # ghostify's loaders: None for an all-unreadable batch, not a shift
             for batch in loader:
                 yield step, batch
                 step += 1
@@ -316,7 +318,11 @@ class _Run:
             self.teacher.eval()
             tick = time.perf_counter()
             for step, batch in self.batches(phase, start, total):
-                if batch is None:  # every image of the batch was unreadable
+                # a batch whose every image was unreadable (on any rank, so DDP ranks stay in step):
+                # a step without an update
+                if not self.world.all_true(batch is not None):
+                    scheduler.step()
+                    advance(float("nan"), optimizer.param_groups[0]["lr"], 0.0)
                     continue
                 x, y = self.to_device(batch)
                 optimizer.zero_grad(set_to_none=True)
