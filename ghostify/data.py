@@ -39,6 +39,7 @@ __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "SafeImageFolder",
+    "SeededItems",
     "UnlabelledImageFolder",
     "build_eval_loader",
     "build_train_loader",
@@ -285,9 +286,28 @@ class _SkippingLoader(DataLoader):
             ) from err
 
 
+class SeededItems(Dataset):
+    """`dataset` whose item i draws its random augmentation from a generator seeded by (seed, epoch, i).
+
+    Each image of an epoch is then augmented the same way whatever the number of worker processes and
+    wherever a resumed run restarts; the caller's own random state is left untouched.
+    """
+
+    def __init__(self, dataset: Dataset, seed: int, epoch: int) -> None:
+        self.dataset, self.seed, self.epoch = dataset, seed, epoch
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> Any:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(hash((self.seed, self.epoch, int(index))) & 0x7FFF_FFFF_FFFF_FFFF)
+            return self.dataset[index]
+
+
 def _base_dataset(data: DataLoader | Dataset) -> Dataset:
     dataset = data.dataset if isinstance(data, DataLoader) else data
-    while isinstance(dataset, Subset):
+    while isinstance(dataset, (Subset, SeededItems)):
         dataset = dataset.dataset
     return dataset
 

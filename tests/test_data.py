@@ -14,6 +14,7 @@ from PIL import Image
 
 from ghostify import data
 from ghostify.data import (
+    SeededItems,
     build_eval_loader,
     build_train_loader,
     check_num_classes,
@@ -98,6 +99,27 @@ def test_train_loader_augments_and_limits(tmp_path):
     assert same.dataset.indices == loader.dataset.indices != other.dataset.indices
     big = build_train_loader(tmp_path, (3, 96, 96), MEAN, STD, batch_size=8, workers=0)
     assert type(big.dataset.transform.transforms[0]).__name__ == "RandomResizedCrop"
+
+
+def test_seeded_items_fix_the_augmentation_per_epoch_and_image(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    (tmp_path / "train" / "cat").mkdir(parents=True)
+    for i in range(4):  # noise, so that every crop offset and flip gives other pixels
+        pixels = torch.randint(0, 256, (32, 32, 3), generator=g, dtype=torch.uint8).numpy()
+        Image.fromarray(pixels).save(tmp_path / "train" / "cat" / f"{i}.png")
+    dataset = build_train_loader(tmp_path, (3, 32, 32), MEAN, STD, batch_size=2, workers=0).dataset
+    epoch0 = SeededItems(dataset, seed=0, epoch=0)
+    torch.manual_seed(1)
+    first = epoch0[3][0]
+    torch.manual_seed(2)
+    assert torch.equal(epoch0[3][0], first)  # whatever the caller's random state (or worker) was
+    assert not torch.equal(SeededItems(dataset, seed=0, epoch=1)[3][0], first)  # a new epoch, a new crop
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    epoch0[0]
+    assert torch.equal(torch.rand(3), expected)  # the caller's random state is left as it was
+    assert skipped_images(SeededItems(dataset, 0, 0)) == 0 and len(epoch0) == 4
 
 
 def test_eval_limit_is_a_fixed_subset(tmp_path):

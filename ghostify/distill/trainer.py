@@ -31,6 +31,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
+from ghostify.data import SeededItems
 from ghostify.distill.blocks import Block, TeacherTaps, find_blocks, relative_mse, student_inputs
 from ghostify.distill.calibrate import CalibrationReport, calibrate, refresh_bn_stats
 from ghostify.distill.checkpoint import STATE_FILE, fingerprint, read_checkpoint, write_checkpoint
@@ -174,7 +175,8 @@ class _Run:
         """(step, batch) from `start` to `total`, epoch after epoch, in an order fixed by seed and epoch.
 
         Each epoch's order comes from torch's DistributedSampler (this rank's share; the whole data in a
-        world of one), so a resumed run skips exactly the batches it already trained on. A batch whose
+        world of one), so a resumed run skips exactly the batches it already trained on and augments
+        the rest as the uninterrupted run would have (`SeededItems`). A batch whose
         every image was unreadable comes as None and still counts as a step, so positions stay aligned.
         """
         base = self.data.train
@@ -191,7 +193,7 @@ class _Run:
             sampler.set_epoch(epoch)
             indices = list(sampler)[offset * self.config.batch_size :]
             loader = type(base)(
-                base.dataset,
+                SeededItems(base.dataset, sampler.seed, epoch),  # augmentation fixed per (epoch, image)
                 batch_size=self.config.batch_size,
                 sampler=indices,
                 num_workers=base.num_workers,
