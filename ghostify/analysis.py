@@ -574,13 +574,19 @@ def build_report(
         batches = [(shape[0], repeats, warmup)]
         if large_batch and large_batch != shape[0]:
             batches.append((large_batch, max(3, repeats // 4), min(warmup, 1)))
-        for batch, rounds, warm in batches:
-            inputs = torch.randn(batch, *shape[1:])
-            for form, (old, new) in forms.items():
-                timed = compare_latency({"before": old, "after": new}, inputs, rounds, warm, threads)
-                report.latencies.append(LatencyRow(form, batch, timed["before"], timed["after"]))
+        models = {
+            f"{form} {side}": m for form, pair in forms.items() for side, m in zip(SIDES, pair, strict=True)
+        }
+        for batch, rounds, warm in batches:  # every model of every form interleaved in one call
+            timed = compare_latency(models, torch.randn(batch, *shape[1:]), rounds, warm, threads)
+            for form in forms:
+                row = LatencyRow(form, batch, timed[f"{form} before"], timed[f"{form} after"])
+                report.latencies.append(row)
         before.latency, after.latency = report.latencies[0].before, report.latencies[0].after
     return report
+
+
+SIDES = ("before", "after")
 
 
 def _deploy_forms(
