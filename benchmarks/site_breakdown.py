@@ -5,7 +5,8 @@ after. This groups those sites by their name with block indices replaced by `*` 
 network of dozens of blocks reads as a handful of rows: MACs ratio next to the measured time ratio, and each
 group's share of the original's time. The last lines put the timed sites next to the whole model's latency,
 which says how much of the model the sites cover and what the speed-up could be if every site kept its
-candidate.
+candidate (sites timed on --target cpu: the report's whole-model times are torch's, on the CPU). Mode auto
+times a stage's convs twice, so its sites are grouped but not added up.
 
     ghostify resnet50 --mode c-ghost --select latency --min-speedup 0.01 --out r50-c-ghost
     python benchmarks/site_breakdown.py r50-c-ghost/report.json
@@ -89,7 +90,10 @@ def main(argv: list[str] | None = None) -> None:
     console = Console(width=160)
     console.print(table)
 
-    batch = decisions[0]["input_shape"][0] if decisions[0]["input_shape"] else 1
+    if report.get("config", {}).get("mode") == "auto":
+        console.print("mode auto times a stage's convs twice (original and G-Ghost form): not added up")
+        return
+    batch = next((d["input_shape"][0] for d in decisions if d["input_shape"]), 1)
     model = whole_model(report, batch)
     for unit in totals:
         rows = [g for (u, _), g in groups.items() if u == unit]

@@ -45,6 +45,7 @@ app = typer.Typer(
 SUBCOMMANDS = ("convert", "report", "distill", "export")
 console = Console(stderr=False)
 err_console = Console(stderr=True)
+LARGE_BATCH = 16  # the report's second latency batch: throughput, beside batch-1 latency
 
 
 # ------------------------------------------------------------------ options shared by convert and distill
@@ -123,7 +124,17 @@ def _spec_for_recipe(spec: str) -> str:
 
 
 def _report_conversion(
-    original, result, name, shape, latency, repeats, warmup, threads, json_path, outcome=None, large_batch=16
+    original,
+    result,
+    name,
+    shape,
+    latency,
+    repeats,
+    warmup,
+    threads,
+    json_path,
+    outcome=None,
+    large_batch=LARGE_BATCH,
 ):  # noqa: ANN001, E501
     """Measure original vs converted (interleaved), print the report, write --json; return the report.
 
@@ -134,8 +145,9 @@ def _report_conversion(
     from ghostify.recovery import REPORT_STAGES
     from ghostify.report import render, write_json
 
-    batches = f"batch {shape[0]}" + (f" and {large_batch}" if large_batch else "")
-    with err_console.status(f"Measuring params, MACs and latency (eager and deploy form, {batches})..."):
+    batches = f"batch {shape[0]}" + (f" and {large_batch}" if large_batch not in (0, shape[0]) else "")
+    what = f"params, MACs and latency (eager and deploy form, {batches})" if latency else "params and MACs"
+    with err_console.status(f"Measuring {what}..."):
         report = build_report(
             original,
             result,
@@ -208,7 +220,7 @@ def convert_cmd(
     latency_batch: Annotated[int, typer.Option(help="Batch size for the latency measurement.")] = 1,
     large_batch: Annotated[
         int, typer.Option(help="Also time at this larger batch (fewer runs); 0 = only --latency-batch.")
-    ] = 16,
+    ] = LARGE_BATCH,
     threads: Annotated[int | None, typer.Option(help="Torch threads for latency [default: torch's].")] = None,
     repeats: Annotated[int, typer.Option(help="Timed runs per model (median reported).")] = 20,
     warmup: Annotated[int, typer.Option(help="Untimed warm-up runs per model.")] = 5,
@@ -343,7 +355,7 @@ def convert_cmd(
         return
     try:
         _distill_into(out, loaded, result, recipe, train_data, data, distill_config, world, resume,
-                      (shape, latency, repeats, warmup, threads, json_path))  # fmt: skip
+                      (shape, latency, repeats, warmup, threads, json_path, large_batch))  # fmt: skip
     finally:
         world.close()
 
@@ -393,11 +405,11 @@ def _distill_into(out, loaded, result, recipe, data, data_dir, config, world, re
         return
     for note in outcome.notes:
         err_console.print(f"[yellow]note:[/] {note}", highlight=False)
-    shape, latency, repeats, warmup, threads, json_path = report_args
+    shape, latency, repeats, warmup, threads, json_path, large_batch = report_args
     for m in (loaded.model, result.model):  # the report measures CPU latency, in the default layout
         m.cpu().to(memory_format=torch.contiguous_format)
     report = _report_conversion(loaded.model, result, recipe.model_spec, shape, latency, repeats, warmup,
-                                threads, None, outcome=outcome)  # fmt: skip
+                                threads, None, outcome=outcome, large_batch=large_batch)  # fmt: skip
     write_results(Path(out), report, recipe, recipe_entry(config, outcome, data_dir))
     if json_path is not None:
         from ghostify.report import write_json
@@ -425,8 +437,9 @@ def report_cmd(
     latency: Annotated[bool, typer.Option(help="Measure CPU latency.")] = True,
     latency_batch: Annotated[int, typer.Option(help="Batch size for the latency measurement.")] = 1,
     large_batch: Annotated[
-        int, typer.Option(help="Also time at this larger batch (fewer runs); 0 = only --latency-batch.")
-    ] = 16,
+        int,
+        typer.Option(help="For a saved output: also time at this larger batch (fewer runs); 0 = not."),
+    ] = LARGE_BATCH,
     threads: Annotated[int | None, typer.Option(help="Torch threads for latency.")] = None,
     repeats: Annotated[int, typer.Option(help="Timed runs per model.")] = 20,
     json_path: Annotated[
@@ -538,7 +551,7 @@ def distill_cmd(
     try:
         train_data = _open_data(loaded, data, config, world, mean, std)
         _distill_into(target, loaded, result, recipe, train_data, data, config, world, resume,
-                      (shape, latency, repeats, 2, threads, None))  # fmt: skip
+                      (shape, latency, repeats, 2, threads, None, LARGE_BATCH))  # fmt: skip
     finally:
         world.close()
 

@@ -287,10 +287,12 @@ class _SkippingLoader(DataLoader):
 
 
 class SeededItems(Dataset):
-    """`dataset` whose item i draws its random augmentation from a generator seeded by (seed, epoch, i).
+    """`dataset` whose item i draws its random augmentation from torch's CPU generator seeded by
+    (seed, epoch, i).
 
     Each image of an epoch is then augmented the same way whatever the number of worker processes and
-    wherever a resumed run restarts; the caller's own random state is left untouched.
+    wherever a resumed run restarts; the caller's own random state is left untouched. Transforms that
+    draw from Python's `random` or numpy (not torchvision's own) are not covered.
     """
 
     def __init__(self, dataset: Dataset, seed: int, epoch: int) -> None:
@@ -301,7 +303,9 @@ class SeededItems(Dataset):
 
     def __getitem__(self, index: int) -> Any:
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(hash((self.seed, self.epoch, int(index))) & 0x7FFF_FFFF_FFFF_FFFF)
+            # the CPU generator only: torch.manual_seed would also reseed the caller's CUDA generators
+            seed = hash((self.seed, self.epoch, int(index))) & 0x7FFF_FFFF_FFFF_FFFF
+            torch.default_generator.manual_seed(seed)
             return self.dataset[index]
 
 

@@ -234,7 +234,12 @@ def _decision_cells(decision: Any, arrow: str) -> tuple[str, ...]:
 
 def _decision_totals(report: ConversionReport, arrow: str) -> list[tuple[str, ...]]:
     """One totals row per unit ("conv", "stage"): the timed sites added up, as chosen and as if every
-    candidate were kept, so a report shows how much of the speed-up the sites alone can give."""
+    candidate were kept, so a report shows how much of the speed-up the sites alone can give.
+
+    None in mode auto: there the convs of a stage are timed twice (in the original and inside its G-Ghost
+    form), so their sum would count the same layers twice."""
+    if report.config.get("mode") == "auto":
+        return []
     rows = []
     for unit in dict.fromkeys(d.unit for d in report.decisions):
         timed = [d for d in report.decisions if d.unit == unit and d.ms_before > 0 and d.ms_after > 0]

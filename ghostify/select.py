@@ -11,9 +11,10 @@ gathers copy memory, so a Ghost swap can make a site (and a model, e.g. MobileNe
 - before and after interleaved run by run (`ghostify.analysis.compare_latency`).
 
 A replacement is kept when time before / time after >= `min_speedup`. Mode "auto" also chooses, per
-residual stage, the fastest of the original stage, its G-Ghost form and the stage with its kept C-Ghost
-convs. The outcome goes into `result.config.decided`, so a saved recipe replays the same architecture
-without measuring anything. Measurements are cached on disk (see `LatencyCache`), keyed by what decides a
+residual stage, the fastest of the original stage, its G-Ghost form, the stage with its kept C-Ghost
+convs and the G-Ghost form with its kept inner C-Ghost convs ("both"), among those that exist. The
+outcome goes into `result.config.decided`, so a saved recipe replays the same architecture without
+measuring anything. Measurements are cached on disk (see `LatencyCache`), keyed by what decides a
 timing (target, device, torch version, threads, the deploy-form module's structure and input shape), so a
 second run on the same machine is fast.
 """

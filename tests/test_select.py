@@ -225,6 +225,9 @@ def test_auto_chooses_per_stage(monkeypatch, case) -> None:
         assert stage.reason == "kept: G-Ghost 2.00x faster (G-Ghost + C-Ghost 1.43x, C-Ghost 1.25x)"
     if case == "nothing faster":
         assert stage.reason.startswith("reverted: best C-Ghost 0.91x (slower) (G-Ghost 0.83x")
+    if case == "both fastest":  # a stage's convs are timed twice in auto: no totals row adds them up
+        report = build_report(_resnet(), result, "resnet", input_shape=(1, 3, 32, 32), latency=False)
+        assert "each timed alone" not in render_plain(report)
     # the saved decisions rebuild the same architecture without timing
     monkeypatch.setattr(select, "time_modules", _no_timing)
     again = convert_model(_resnet(), result.config, _example(2))
