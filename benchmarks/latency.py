@@ -20,6 +20,7 @@ import copy
 import datetime
 import os
 import platform
+import shutil
 import sys
 import tempfile
 import time
@@ -346,7 +347,7 @@ for name in model_names:
     runnable: dict[str, dict[str, nn.Module]] = {"eager": models}
     if "onnxruntime" in runtimes:
         sessions: dict[str, nn.Module] = {}
-        tmp = tempfile.mkdtemp(prefix="ghostify-bench-")
+        tmp = tempfile.mkdtemp(prefix="ghostify-bench-")  # removed after this model's timings
         for label, model in models.items():
             progress(f"{name}: exporting {label} to ONNX")
             path = os.path.join(tmp, f"{label}.onnx")
@@ -372,6 +373,10 @@ for name in model_names:
             timed[(runtime, b)] = compare_latency(
                 runnable[runtime], x, repeats=args.repeats, warmup=args.warmup, threads=args.threads
             )
+
+    if "onnxruntime" in runtimes:  # the exports can be GBs per model (VGG-16: ~2 GB): do not keep them
+        runnable["onnxruntime"].clear()
+        shutil.rmtree(tmp, ignore_errors=True)
 
     # --- the table
     headers = ["variant", "GMACs", "MACs x", "params M"]
