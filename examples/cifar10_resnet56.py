@@ -12,6 +12,8 @@ budget (`--epochs` passes over the training images, batch 128, SGD + warm-up/cos
 - c-ghost / g-ghost: ghostify at s=2: converted (data-free inheritance), calibrated (closed form, 8
   batches), then `--blockwise` epochs of block-wise distillation (each block fed its input in the
   student) and the rest of the budget end-to-end distillation (KL on softened logits + cross-entropy);
+  with `--teacher-epochs E`, every distilled row first spends E epochs of its budget adapting a copy of
+  the teacher to this data (cross-entropy) and learns from that copy;
 - c-ghost-scratch: the same C-Ghost architecture from random weights, same budget and losses;
 - torch-pruning: the peer, Torch-Pruning (L2 group magnitude) on the blocks' inner channels pruned to
   C-Ghost's MACs (option-A shortcuts block pruning the residual width), same budget and losses.
@@ -59,6 +61,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of {', '.join(ROWS)}")
     p.add_argument("--epochs", type=float, default=2.0, help="training budget of every row, in epochs")
     p.add_argument("--blockwise", type=float, default=1.0, help="ghost rows: epochs of it block-wise")
+    p.add_argument(
+        "--teacher-epochs", type=float, default=0.0,
+        help="distilled rows: epochs of the budget spent adapting the teacher first (cross-entropy)",
+    )  # fmt: skip
     d = DistillConfig()  # the library's defaults
     p.add_argument("--blockwise-lr", type=float, default=d.blockwise_lr, help="ghost rows: block-wise lr")
     p.add_argument("--blockwise-inputs", default=d.blockwise_inputs, help="ghost rows: student or teacher")
@@ -121,7 +127,10 @@ def run_row(row: str, args: argparse.Namespace, data: DistillData, teacher: nn.M
     example = torch.randn(2, *cifar_resnet.input_size, generator=torch.Generator().manual_seed(0))
     losses = dict(temperature=args.temperature, kd_weight=args.kd_weight, ce_weight=args.ce_weight)
     common = dict(batch_size=args.batch_size, workers=args.workers, **losses)
-    e2e_only = DistillConfig(epochs=budget, blockwise_epochs=0, calib_batches=0, **common)
+    adapt = args.teacher_epochs  # every distilled row spends this much of its budget adapting the teacher
+    e2e_only = DistillConfig(
+        epochs=budget - adapt, teacher_epochs=adapt, blockwise_epochs=0, calib_batches=0, **common
+    )
     if row == "teacher":
         acc = evaluate(teacher, data.val, progress=not args.quiet)
         return {
@@ -132,6 +141,7 @@ def run_row(row: str, args: argparse.Namespace, data: DistillData, teacher: nn.M
         }
     if row == "teacher-ft":
         ce_only = {**e2e_only.to_dict(), "kd_weight": 0.0, "ce_weight": 1.0}
+        ce_only.update(epochs=budget, teacher_epochs=0.0)
         student, config = copy.deepcopy(teacher), DistillConfig(**ce_only)
         outcome = ghostify.distill(student, teacher, data, config, progress=not args.quiet)
     elif row in ("c-ghost", "g-ghost"):
@@ -141,7 +151,8 @@ def run_row(row: str, args: argparse.Namespace, data: DistillData, teacher: nn.M
             blockwise_lr=args.blockwise_lr,
             blockwise_inputs=args.blockwise_inputs,
             calib_batches=args.calib_batches,
-            epochs=max(0.0, budget - args.blockwise),
+            teacher_epochs=adapt,
+            epochs=max(0.0, budget - adapt - args.blockwise),
             **common,
         )
         outcome = ghostify.distill(result, teacher, data, config, progress=not args.quiet)
@@ -161,6 +172,8 @@ def run_row(row: str, args: argparse.Namespace, data: DistillData, teacher: nn.M
     else:
         raise SystemExit(f"unknown row {row!r}; choose from {', '.join(ROWS)}")
     top1 = {stage: acc.top1 for stage, acc in outcome.accuracy.items() if stage != "teacher"}
+    if "teacher-adapted" in top1:
+        top1["teacher"] = top1.pop("teacher-adapted")  # the teacher this row learnt from
     return {
         "row": row,
         **size(student),
@@ -171,7 +184,7 @@ def run_row(row: str, args: argparse.Namespace, data: DistillData, teacher: nn.M
 
 
 def markdown(results: list[dict], args: argparse.Namespace) -> str:
-    stages = ("as-is", "converted", "calibrated", "blockwise", "distilled")
+    stages = ("as-is", "teacher", "converted", "calibrated", "blockwise", "distilled")
     lines = [
         f"| row | MACs | params | {' | '.join(stages)} | wall time |",
         "| --- | ---: | ---: |" + " ---: |" * len(stages) + " ---: |",

@@ -53,6 +53,11 @@ DataOpt = Annotated[
     Path | None,
     typer.Option(help="Image folder with train/ and val/ (or test/): calibrate + distil + accuracy."),
 ]
+TeacherEpochsOpt = Annotated[
+    float,
+    typer.Option(help="First fine-tune a copy of the teacher on the labelled data (epochs; 0 = as given)."),
+]
+TeacherStepsOpt = Annotated[int | None, typer.Option(help="Teacher steps (overrides --teacher-epochs).")]
 EpochsOpt = Annotated[float, typer.Option(help="End-to-end distillation epochs (0 skips).")]
 StepsOpt = Annotated[int | None, typer.Option(help="End-to-end steps (overrides --epochs).")]
 BlockEpochsOpt = Annotated[float, typer.Option(help="Block-wise distillation epochs (0 skips).")]
@@ -225,6 +230,8 @@ def convert_cmd(
     repeats: Annotated[int, typer.Option(help="Timed runs per model (median reported).")] = 20,
     warmup: Annotated[int, typer.Option(help="Untimed warm-up runs per model.")] = 5,
     data: DataOpt = None,
+    teacher_epochs: TeacherEpochsOpt = 0.0,
+    teacher_steps: TeacherStepsOpt = None,
     epochs: EpochsOpt = 1.0,
     steps: StepsOpt = None,
     blockwise_epochs: BlockEpochsOpt = 1.0,
@@ -491,6 +498,8 @@ def distill_cmd(
     teacher_weights: Annotated[
         str | None, typer.Option(help="Weights of the original model [default: those it was converted from].")
     ] = None,
+    teacher_epochs: TeacherEpochsOpt = 0.0,
+    teacher_steps: TeacherStepsOpt = None,
     epochs: EpochsOpt = 1.0,
     steps: StepsOpt = None,
     blockwise_epochs: BlockEpochsOpt = 1.0,

@@ -48,6 +48,7 @@ __all__ = [
     "data_config",
     "extract_archive",
     "find_split",
+    "is_unlabelled",
     "loader_classes",
     "parse_floats",
     "set_epoch",
@@ -325,6 +326,11 @@ def loader_classes(data: DataLoader | Dataset) -> list[str] | None:
     """The class names of a loader's (or dataset's) images, in label order; None when unlabelled."""
     classes = getattr(_base_dataset(data), "classes", None)
     return list(classes) if classes else None
+
+
+def is_unlabelled(data: DataLoader | Dataset) -> bool:
+    """True for a folder of images without class subfolders (every label -1)."""
+    return isinstance(_base_dataset(data), UnlabelledImageFolder)
 
 
 def check_num_classes(data: DataLoader | Dataset, num_classes: int | None) -> None:

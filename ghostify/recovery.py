@@ -33,6 +33,7 @@ __all__ = ["REPORT_STAGES", "open_data", "recipe_entry", "recover", "write_resul
 # accuracy stages of a run, as the report names them
 REPORT_STAGES = {
     "teacher": "original",
+    "teacher-adapted": "original, adapted",
     "converted": "converted",
     "calibrated": "calibrated",
     "blockwise": "block-wise",

@@ -275,3 +275,59 @@ def test_an_unreadable_batch_is_a_step_without_an_update(teacher):
     # one epoch of eight positions: eight steps, seven updates; before, the gap shifted every later batch
     assert out.steps == {"end-to-end": 8}
     assert len([r for r in out.history.records() if r.phase == "end-to-end"]) == 7
+
+
+def test_teacher_adaptation_fits_the_labels_and_leaves_the_given_teacher(teacher):
+    before = copy.deepcopy(teacher.state_dict())
+    config = _config(teacher_steps=8, steps=2, blockwise_steps=0, calib_batches=0, warmup_fraction=0)
+    out = ghostify.distill(_converted(teacher), teacher, _data(), config, progress=False)
+    assert out.steps == {"teacher": 8, "end-to-end": 2}
+    first, last = _first_last(out, "teacher", "ce")
+    assert last < 0.9 * first  # the labels are random for this teacher: it has everything to learn
+    assert out.accuracy["teacher-adapted"].top1 > out.accuracy["teacher"].top1
+    assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())
+    steps = [r.step for r in out.history.records()]
+    assert steps == sorted(steps) and steps[-1] == 8 + 2  # one step axis: teacher first
+
+
+def test_adapted_teacher_survives_a_resume(teacher, tmp_path, monkeypatch):
+    from ghostify.distill import trainer
+
+    config = _config(teacher_steps=4, steps=4, blockwise_steps=0, calib_batches=0)
+    uninterrupted = ghostify.distill(_converted(teacher), teacher, _data(), config, progress=False)
+
+    real, calls = trainer.distill_loss, {"n": 0}
+
+    def crash_at_step_6(*args, **kwargs):  # 4 teacher steps, then the end-to-end phase's second
+        calls["n"] += 1
+        if calls["n"] == 6:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "distill_loss", crash_at_step_6)
+    with pytest.raises(KeyboardInterrupt):
+        ghostify.distill(_converted(teacher), teacher, _data(), config, out_dir=tmp_path, progress=False)
+    monkeypatch.setattr(trainer, "distill_loss", real)
+    state = torch.load(tmp_path / STATE_FILE, weights_only=False)
+    assert "teacher" in state["done"] and state["teacher"] is not None
+    resumed = ghostify.distill(
+        _converted(teacher), teacher, _data(), config, out_dir=tmp_path, resume=True, progress=False
+    )
+    assert resumed.steps == {"teacher": 4, "end-to-end": 4}
+    # the second half learnt from the adapted teacher, as the uninterrupted run did
+    assert resumed.accuracy["distilled"].top1 == pytest.approx(uninterrupted.accuracy["distilled"].top1)
+    assert "teacher-adapted" in resumed.accuracy
+
+
+def test_teacher_adaptation_needs_labels(teacher, tmp_path):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_data import make_flat
+
+    from ghostify.data import build_train_loader
+
+    train = build_train_loader(make_flat(tmp_path, n=4), input_size=(3, 32, 32), batch_size=2, workers=0)
+    with pytest.raises(ConfigError, match="--teacher-epochs 0 or labelled data"):
+        ghostify.distill(_converted(teacher), teacher, DistillData(train), _config(teacher_steps=1, batch_size=2))

@@ -15,6 +15,8 @@ BLOCKWISE_INPUTS = ("student", "teacher")
 
 # Options that change what a run computes: a checkpoint written under other values cannot be resumed.
 RESUME_KEYS = (
+    "teacher_epochs",
+    "teacher_steps",
     "epochs",
     "steps",
     "blockwise_epochs",
@@ -42,12 +44,17 @@ RESUME_KEYS = (
 class DistillConfig:
     """How to win back the accuracy a conversion lost.
 
-    Phases, in order, each skipped when its budget is 0: calibration (closed-form refit on
+    Phases, in order, each skipped when its budget is 0: teacher adaptation (a copy of the teacher
+    fine-tuned on the labelled training data with cross-entropy: a student imitating a teacher cannot
+    beat the teacher's accuracy on data the teacher was not trained for), calibration (closed-form refit on
     `calib_batches` batches), block-wise distillation (every converted site learns to reproduce the
     teacher's output for it from the teacher's input, MSE), end-to-end distillation (KL on softened logits
     + cross-entropy when labels exist + optional feature MSE at the converted sites).
 
     Attributes:
+        teacher_epochs: epochs fine-tuning the teacher's copy before the student learns from it (same
+            optimizer, lr and schedule as end-to-end); 0 (default) keeps the teacher as given.
+        teacher_steps: teacher-adaptation steps; overrides `teacher_epochs` when given.
         epochs: end-to-end epochs (fractions allowed); 0 skips the phase.
         steps: end-to-end optimizer steps; overrides `epochs` when given.
         blockwise_epochs: block-wise epochs; 0 skips the phase.
@@ -80,6 +87,8 @@ class DistillConfig:
         log_every: the history keeps one record (averaged) per this many steps.
     """
 
+    teacher_epochs: float = 0.0
+    teacher_steps: int | None = None
     epochs: float = 1.0
     steps: int | None = None
     blockwise_epochs: float = 1.0
@@ -118,11 +127,11 @@ class DistillConfig:
             )
         if self.amp not in AMP:
             raise ConfigError(f"amp must be one of {', '.join(AMP)} (got {self.amp!r}).")
-        for name in ("epochs", "blockwise_epochs"):
+        for name in ("teacher_epochs", "epochs", "blockwise_epochs"):
             value = getattr(self, name)
             if not math.isfinite(value) or value < 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 0 (got {value}).")
-        for name in ("steps", "blockwise_steps", "limit_train", "limit_val", "eval_batches"):
+        for name in ("teacher_steps", "steps", "blockwise_steps", "limit_train", "limit_val", "eval_batches"):
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 0 (got {value}).")

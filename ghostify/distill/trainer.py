@@ -3,6 +3,9 @@
 `distill(student, teacher, data, config)` runs the phases of `DistillConfig` in order, with the original
 model as a frozen teacher:
 
+0. teacher (off by default): a copy of the teacher is fine-tuned on the labelled data with cross-entropy
+   first, for data the teacher was not trained on (a student that imitates a teacher ends near the
+   teacher's accuracy); the user's teacher is never changed;
 1. calibrate: the closed-form refit of `ghostify.distill.calibrate` on a few batches (no gradients);
 2. block-wise: every converted site (C-Ghost module, G-Ghost stage) learns to reproduce the teacher's
    output for it, all sites in parallel from one teacher forward pass (relative MSE, AdamW, warm-up +
@@ -20,6 +23,7 @@ same function; DDP keeps the student replicas equal and rank 0 evaluates, logs a
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -31,7 +35,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
-from ghostify.data import SeededItems
+from ghostify.data import SeededItems, is_unlabelled
 from ghostify.distill.blocks import Block, TeacherTaps, find_blocks, relative_mse, student_inputs
 from ghostify.distill.calibrate import CalibrationReport, calibrate, refresh_bn_stats
 from ghostify.distill.checkpoint import STATE_FILE, fingerprint, read_checkpoint, write_checkpoint
@@ -45,7 +49,8 @@ from ghostify.rewrite.result import ConversionResult
 
 __all__ = ["DistillData", "DistillResult", "distill"]
 
-PHASES = ("calibrate", "blockwise", "end-to-end")
+PHASES = ("teacher", "calibrate", "blockwise", "end-to-end")
+TRAINED_PHASES = ("teacher", "blockwise", "end-to-end")  # in order: one step axis across them
 HISTORY_JSON = "history.json"
 HISTORY_PNG = "history.png"
 
@@ -159,7 +164,9 @@ class _Run:
 
     def total_steps(self, phase: str) -> int:
         c = self.config
-        if phase == "blockwise":
+        if phase == "teacher":
+            steps, epochs = c.teacher_steps, c.teacher_epochs
+        elif phase == "blockwise":
             if not self.blocks:
                 return 0
             steps, epochs = c.blockwise_steps, c.blockwise_epochs
@@ -168,8 +175,11 @@ class _Run:
         return steps if steps is not None else math.ceil(epochs * self.steps_per_epoch)
 
     def global_step(self, phase: str, step: int) -> int:
-        """Steps counted across phases (block-wise first), for one x axis in the history."""
-        return step + (self.steps.get("blockwise", 0) if phase == "end-to-end" else 0)
+        """Steps counted across phases (teacher, block-wise, end-to-end), for one x axis in the history."""
+        if phase not in TRAINED_PHASES:
+            return step
+        earlier = TRAINED_PHASES[: TRAINED_PHASES.index(phase)]
+        return step + sum(self.steps.get(p, 0) for p in earlier)
 
     def batches(self, phase: str, start: int, total: int) -> Iterator[tuple[int, Any]]:
         """(step, batch) from `start` to `total`, epoch after epoch, in an order fixed by seed and epoch.
@@ -185,7 +195,7 @@ class _Run:
             num_replicas=self.world.world_size,
             rank=self.world.rank,
             shuffle=True,
-            seed=self.config.seed + (1000 if phase == "blockwise" else 0),
+            seed=self.config.seed + {"blockwise": 1000, "teacher": 2000}.get(phase, 0),
         )
         step = start
         while step < total:
@@ -227,7 +237,7 @@ class _Run:
                 max_batches=self.config.eval_batches,
             )
             self.accuracy[stage] = acc
-            who = "teacher" if stage == "teacher" else "student"
+            who = "teacher" if stage.startswith("teacher") else "student"
             self.history.log_eval(stage, self.global_step(phase, step), who, acc.top1, acc.top5, acc.images)
             if self.progress:
                 from rich.console import Console
@@ -248,6 +258,7 @@ class _Run:
             "done": list(self.done),
             "steps": dict(self.steps),
             "model": self.student.state_dict(),
+            "teacher": self.teacher.state_dict() if self.total_steps("teacher") > 0 else None,
             "optimizer": optimizer.state_dict() if optimizer is not None else None,
             "scheduler": scheduler.state_dict() if scheduler is not None else None,
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
@@ -260,6 +271,8 @@ class _Run:
 
     def restore(self, state: dict[str, Any]) -> None:
         self.student.load_state_dict(state["model"])
+        if state.get("teacher") is not None:  # the adapted teacher, as far as it got
+            self.teacher.load_state_dict(state["teacher"])
         self.done = list(state["done"])
         self.steps = dict(state.get("steps", {}))
         self.history = History.from_dict(state["history"])
@@ -288,9 +301,13 @@ class _Run:
         """One gradient phase (block-wise or end-to-end), from `state`'s step when resuming it."""
         c = self.config
         total = self.total_steps(phase)
-        if phase == "blockwise":
+        if phase == "teacher":
+            module: nn.Module = self.teacher
+            params = [p for p in self.teacher.parameters() if p.requires_grad]
+            optimizer = _optimizer(params, c.optimizer, c.peak_lr, c.decay)
+        elif phase == "blockwise":
             bank = _BlockBank(self.blocks).to(self.device)
-            module: nn.Module = bank
+            module = bank
             params = [p for p in bank.parameters() if p.requires_grad]
             optimizer = _optimizer(params, "adamw", c.blockwise_lr, 0.0)
         else:
@@ -308,16 +325,19 @@ class _Run:
         if self.world.distributed:
             ids = [self.device.index] if self.device.type == "cuda" else None
             module = nn.parallel.DistributedDataParallel(module, device_ids=ids)
-        step_fn = self._blockwise_step if phase == "blockwise" else self._end_to_end_step
+        step_fn = {"teacher": self._teacher_step, "blockwise": self._blockwise_step}.get(
+            phase, self._end_to_end_step
+        )
         taps = (
             TeacherTaps(self.blocks, inputs=phase == "blockwise" and c.blockwise_inputs == "teacher")
-            if (phase == "blockwise" or c.feature_weight > 0)
+            if phase == "blockwise" or (phase == "end-to-end" and c.feature_weight > 0)
             else contextlib.nullcontext()
         )
         last_good = start
         with taps, self._bar(phase, start, total) as advance:
+            if phase != "teacher":
+                self.teacher.eval()
             module.train()
-            self.teacher.eval()
             tick = time.perf_counter()
             for step, batch in self.batches(phase, start, total):
                 # a batch whose every image was unreadable (on any rank, so DDP ranks stay in step):
@@ -366,6 +386,13 @@ class _Run:
                     last_good = done
         self.steps[phase] = total
         self.done.append(phase)
+        if phase == "teacher":
+            self.teacher.eval()
+
+    def _teacher_step(self, teacher: nn.Module, taps, x: torch.Tensor, y) -> tuple:  # noqa: ANN001
+        """Cross-entropy on the labelled images: the teacher's copy adapts to this data."""
+        logits = teacher(x)
+        return distill_loss(logits, logits, y, self.config.temperature, 0.0, 1.0)
 
     def _blockwise_step(self, bank: nn.Module, taps: TeacherTaps, x: torch.Tensor, y) -> tuple:  # noqa: ANN001
         taps.clear()
@@ -457,6 +484,14 @@ def _unwrap(student: nn.Module | ConversionResult) -> tuple[nn.Module, Conversio
     return student, None
 
 
+def _check_labelled(data: DistillData) -> None:
+    if is_unlabelled(data.train):
+        raise ConfigError(
+            "--teacher-epochs adapts the teacher with the training labels, and this training data has "
+            "none (no class subfolders); use --teacher-epochs 0 or labelled data."
+        )
+
+
 def _check_data(data: DistillData, config: DistillConfig, world: World) -> None:
     n = len(data.train.dataset)  # type: ignore[arg-type]
     per_rank = math.ceil(n / world.world_size)
@@ -485,7 +520,8 @@ def distill(
         student: the converted model, or better its `ConversionResult` (needed for calibration and
             block-wise distillation, which must know the converted sites; with a bare module those
             phases are skipped).
-        teacher: the original model; frozen, evaluated in eval mode.
+        teacher: the original model; frozen, evaluated in eval mode (with `config.teacher_epochs` a copy
+            of it is adapted first; the model passed in is left as it is).
         data: training loader (labels or -1) and optional labelled validation loader.
         config: phases, budgets and optimiser settings.
         out_dir: a ghostify output folder to keep checkpoints, history.json and history.png in (rank 0
@@ -507,6 +543,10 @@ def distill(
     model.to(world.device)
     teacher.to(world.device).eval()  # only ever run under no_grad: its own flags stay as they are
     _check_data(data, config, world)
+    adapt_teacher = config.teacher_steps != 0 and (config.teacher_steps or config.teacher_epochs) > 0
+    if adapt_teacher:
+        _check_labelled(data)
+        teacher = copy.deepcopy(teacher).requires_grad_(True)  # the user's teacher stays as given
     out = Path(out_dir) if out_dir is not None else None
     if out is not None and world.is_main:
         out.mkdir(parents=True, exist_ok=True)
@@ -534,6 +574,13 @@ def distill(
     if "teacher" not in run.accuracy:
         run.evaluate("teacher", teacher, "converted", 0)
         run.evaluate("converted", model, "converted", 0)
+    if "teacher" not in run.done:
+        if adapt_teacher:
+            run.train("teacher", state)
+            run.evaluate("teacher-adapted", teacher, "teacher", run.steps["teacher"])
+            run.checkpoint("teacher", run.steps["teacher"])
+        else:
+            run.done.append("teacher")
     if "calibrate" not in run.done:
         if config.calib_batches > 0 and result is not None:
             calibration = run.calibrate()  # every rank refits on the same images: replicas agree
