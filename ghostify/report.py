@@ -136,7 +136,7 @@ def _latency_rows(report: ConversionReport, dash: str) -> list[tuple[str, ...]]:
 
 
 def _result_stage(report: ConversionReport) -> str | None:
-    """The stage the "after" column shows: the last student stage measured (not the original, adapted or not)."""
+    """The stage the "after" column shows: the last student stage (never the original, adapted or not)."""
     stages = [s for s in report.accuracy if not s.startswith("original")]
     return stages[-1] if stages else None
 

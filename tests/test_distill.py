@@ -330,4 +330,5 @@ def test_teacher_adaptation_needs_labels(teacher, tmp_path):
 
     train = build_train_loader(make_flat(tmp_path, n=4), input_size=(3, 32, 32), batch_size=2, workers=0)
     with pytest.raises(ConfigError, match="--teacher-epochs 0 or labelled data"):
-        ghostify.distill(_converted(teacher), teacher, DistillData(train), _config(teacher_steps=1, batch_size=2))
+        config = _config(teacher_steps=1, batch_size=2)
+        ghostify.distill(_converted(teacher), teacher, DistillData(train), config)
