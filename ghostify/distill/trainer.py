@@ -543,8 +543,9 @@ def distill(
     model.to(world.device)
     teacher.to(world.device).eval()  # only ever run under no_grad: its own flags stay as they are
     _check_data(data, config, world)
-    adapt_teacher = config.teacher_steps != 0 and (config.teacher_steps or config.teacher_epochs) > 0
-    if adapt_teacher:
+    teacher_budget = config.teacher_steps if config.teacher_steps is not None else config.teacher_epochs
+    adapt_teacher = teacher_budget > 0
+    if adapt_teacher:  # before _Run: its blocks must pair the student's sites with the copy's modules
         _check_labelled(data)
         teacher = copy.deepcopy(teacher).requires_grad_(True)  # the user's teacher stays as given
     out = Path(out_dir) if out_dir is not None else None
