@@ -196,10 +196,13 @@ def test_torchrun_two_processes_on_cpu(tmp_path, spec, data):
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
            str(_free_port()), "-m", "ghostify.cli", spec, "--num-classes", 2, "--data", data, "--out", out,
-           "--steps", 3, "--blockwise-steps", 2, "--checkpoint-every", 2, *FAST]  # fmt: skip
+           "--steps", 3, "--blockwise-steps", 2, "--teacher-steps", 1, "--checkpoint-every", 2,
+           *FAST]  # fmt: skip
     done = subprocess.run(list(map(str, cmd)), env=_env(), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("distilled in") == 1  # rank 0 alone reports
     state = torch.load(out / STATE_FILE, weights_only=False)
-    assert state["fingerprint"]["world_size"] == 2 and state["steps"] == {"blockwise": 2, "end-to-end": 3}
+    assert state["fingerprint"]["world_size"] == 2 and state["steps"] == {
+        "teacher": 1, "blockwise": 2, "end-to-end": 3
+    }  # fmt: skip
     assert ghostify.load(out)(torch.zeros(1, 3, 32, 32)).shape == (1, 2)
