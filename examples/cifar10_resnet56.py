@@ -1,19 +1,19 @@
 """Win back a ghost ResNet-56's accuracy on CIFAR-10, next to the references a user would compare with.
 
-    python examples/cifar10_resnet56.py                        # every row, 2 epochs each, 10,000 test images
-    python examples/cifar10_resnet56.py --rows c-ghost         # only ghostify's C-Ghost row
-    python examples/cifar10_resnet56.py --limit-train 2048 --limit-val 1000 --epochs 0.5   # a quick look
+    python examples/cifar10_resnet56.py                  # every row, 2 epochs each, 10,000 test images
+    python examples/cifar10_resnet56.py --rows c-ghost   # only ghostify's C-Ghost row
+    python examples/cifar10_resnet56.py --limit-train 2048 --limit-val 1000 --epochs 0.5 --teacher-epochs 0.1
 
 The pretrained ResNet-56 (../shared/data/pretrained) is the teacher. Rows, each with the same training
 budget (`--epochs` passes over the training images, batch 128, SGD + warm-up/cosine):
 
 - teacher: the pretrained model as it is;
 - teacher-ft: the teacher fine-tuned on this (JPEG) data with cross-entropy: the fair reference;
+- every distilled row first spends `--teacher-epochs` (0.5) of its budget adapting a copy of the teacher
+  to this data (cross-entropy) and learns from that copy (0: the teacher as it is);
 - c-ghost / g-ghost: ghostify at s=2: converted (data-free inheritance), calibrated (closed form, 8
-  batches), then `--blockwise` epochs of block-wise distillation (each block fed its input in the
+  batches), then `--blockwise` epochs (0) of block-wise distillation (each block fed its input in the
   student) and the rest of the budget end-to-end distillation (KL on softened logits + cross-entropy);
-  with `--teacher-epochs E`, every distilled row first spends E epochs of its budget adapting a copy of
-  the teacher to this data (cross-entropy) and learns from that copy;
 - c-ghost-scratch: the same C-Ghost architecture from random weights, same budget and losses;
 - torch-pruning: the peer, Torch-Pruning (L2 group magnitude) on the blocks' inner channels pruned to
   C-Ghost's MACs (option-A shortcuts block pruning the residual width), same budget and losses.
@@ -60,9 +60,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--work", type=Path, default=Path("/tmp/ghostify-cifar10"), help="where to unpack data")
     p.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated subset of {', '.join(ROWS)}")
     p.add_argument("--epochs", type=float, default=2.0, help="training budget of every row, in epochs")
-    p.add_argument("--blockwise", type=float, default=1.0, help="ghost rows: epochs of it block-wise")
+    p.add_argument("--blockwise", type=float, default=0.0, help="ghost rows: epochs of it block-wise")
     p.add_argument(
-        "--teacher-epochs", type=float, default=0.0,
+        "--teacher-epochs", type=float, default=0.5,
         help="distilled rows: epochs of the budget spent adapting the teacher first (cross-entropy)",
     )  # fmt: skip
     d = DistillConfig()  # the library's defaults
@@ -153,7 +153,7 @@ def run_row(row: str, args: argparse.Namespace, data: DistillData, teacher: nn.M
             blockwise_inputs=args.blockwise_inputs,
             calib_batches=args.calib_batches,
             teacher_epochs=adapt,
-            epochs=max(0.0, budget - adapt - args.blockwise),
+            epochs=budget - adapt - args.blockwise,
             **common,
         )
         outcome = ghostify.distill(result, teacher, data, config, progress=not args.quiet)
@@ -203,6 +203,11 @@ def markdown(results: list[dict], args: argparse.Namespace) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.teacher_epochs + args.blockwise > args.epochs:
+        raise SystemExit(
+            f"--teacher-epochs {args.teacher_epochs:g} + --blockwise {args.blockwise:g} leave nothing of the "
+            f"--epochs {args.epochs:g} budget for end-to-end distillation; lower them or raise --epochs."
+        )
     rows = [r.strip() for r in args.rows.split(",") if r.strip()]
     unknown = sorted(set(rows) - set(ROWS))
     if unknown:

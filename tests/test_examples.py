@@ -18,16 +18,16 @@ SHARED = REPO / ".." / "shared"
 )
 def test_cifar10_example_writes_every_stage_of_a_ghost_row(tmp_path) -> None:
     out = tmp_path / "rows.json"
-    args = ["--rows", "teacher,c-ghost", "--limit-train", "512", "--limit-val", "256", "--epochs", "0.5",
-            "--blockwise", "0.25", "--workers", "0", "--work", str(tmp_path / "cifar"), "--json", str(out),
-            "--quiet"]  # fmt: skip
+    args = ["--rows", "teacher,c-ghost", "--limit-train", "512", "--limit-val", "256", "--epochs", "0.75",
+            "--teacher-epochs", "0.25", "--blockwise", "0.25", "--workers", "0",
+            "--work", str(tmp_path / "cifar"), "--json", str(out), "--quiet"]  # fmt: skip
     done = subprocess.run(
         [sys.executable, str(REPO / "examples" / "cifar10_resnet56.py"), *args],
         capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     rows = {r["row"]: r for r in json.loads(out.read_text())["rows"]}
-    assert set(rows["c-ghost"]["top1"]) == {"converted", "calibrated", "blockwise", "distilled"}
-    assert rows["c-ghost"]["steps"] == {"blockwise": 1, "end-to-end": 1}
+    assert set(rows["c-ghost"]["top1"]) == {"teacher", "converted", "calibrated", "blockwise", "distilled"}
+    assert rows["c-ghost"]["steps"] == {"teacher": 1, "blockwise": 1, "end-to-end": 1}
     assert rows["c-ghost"]["macs"] < 0.55 * rows["teacher"]["macs"]
     assert "| c-ghost |" in done.stdout  # the Markdown table at the end
