@@ -73,6 +73,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--kd-weight", type=float, default=d.kd_weight, help="KL weight, every row")
     p.add_argument("--ce-weight", type=float, default=d.ce_weight, help="CE weight, every row")
     p.add_argument("--lr", type=float, default=None, help="peak lr of every row [default: the library's]")
+    p.add_argument("--optimizer", default=d.optimizer, help="sgd or adamw, every row")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads [default: torch's]")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--workers", type=int, default=2)
@@ -127,7 +128,9 @@ def run_row(row: str, args: argparse.Namespace, data: DistillData, teacher: nn.M
     budget = args.epochs
     example = torch.randn(2, *cifar_resnet.input_size, generator=torch.Generator().manual_seed(0))
     losses = dict(temperature=args.temperature, kd_weight=args.kd_weight, ce_weight=args.ce_weight)
-    common = dict(batch_size=args.batch_size, workers=args.workers, lr=args.lr, **losses)
+    common = dict(
+        batch_size=args.batch_size, workers=args.workers, lr=args.lr, optimizer=args.optimizer, **losses
+    )
     adapt = args.teacher_epochs  # every distilled row spends this much of its budget adapting the teacher
     e2e_only = DistillConfig(
         epochs=budget - adapt, teacher_epochs=adapt, blockwise_epochs=0, calib_batches=0, **common
