@@ -162,26 +162,31 @@ def test_bare_module_skips_site_phases(teacher):
     assert out.steps == {"end-to-end": 2}
 
 
-def test_checkpoints_resume_to_the_same_step(teacher, tmp_path, monkeypatch):
+def _crash_at_loss(monkeypatch, n):
+    """Interrupt the run (as Ctrl-C would) on its n-th loss computation, counted across gradient phases."""
     from ghostify.distill import trainer
 
-    result = _converted(teacher)
-    config = _config(steps=6, blockwise_steps=4)
-    calls = {"n": 0}
-    real = trainer.distill_loss
+    real, calls = trainer.distill_loss, {"n": 0}
 
-    def crash_at_step_4(*args, **kwargs):
+    def crashing(*args, **kwargs):
         calls["n"] += 1
-        if calls["n"] == 4:
+        if calls["n"] == n:
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(trainer, "distill_loss", crash_at_step_4)
+    monkeypatch.setattr(trainer, "distill_loss", crashing)
+    return lambda: monkeypatch.setattr(trainer, "distill_loss", real)
+
+
+def test_checkpoints_resume_to_the_same_step(teacher, tmp_path, monkeypatch):
+    result = _converted(teacher)
+    config = _config(steps=6, blockwise_steps=4)
+    restore = _crash_at_loss(monkeypatch, 4)
     with pytest.raises(KeyboardInterrupt):
         ghostify.distill(result, teacher, _data(), config, out_dir=tmp_path, progress=False)
     state = torch.load(tmp_path / STATE_FILE, weights_only=False)
     assert (state["phase"], state["step"]) == ("end-to-end", 2)
-    monkeypatch.setattr(trainer, "distill_loss", real)
+    restore()
 
     fresh = _converted(teacher)  # a new process would rebuild the student from the saved folder
     out = ghostify.distill(fresh, teacher, _data(), config, out_dir=tmp_path, resume=True, progress=False)
@@ -291,23 +296,13 @@ def test_teacher_adaptation_fits_the_labels_and_leaves_the_given_teacher(teacher
 
 
 def test_adapted_teacher_survives_a_resume(teacher, tmp_path, monkeypatch):
-    from ghostify.distill import trainer
-
     config = _config(teacher_steps=4, steps=4, blockwise_steps=0, calib_batches=0)
     uninterrupted = ghostify.distill(_converted(teacher), teacher, _data(), config, progress=False)
 
-    real, calls = trainer.distill_loss, {"n": 0}
-
-    def crash_at_step_6(*args, **kwargs):  # 4 teacher steps, then the end-to-end phase's second
-        calls["n"] += 1
-        if calls["n"] == 6:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(trainer, "distill_loss", crash_at_step_6)
+    restore = _crash_at_loss(monkeypatch, 6)  # 4 teacher steps, then the end-to-end phase's second
     with pytest.raises(KeyboardInterrupt):
         ghostify.distill(_converted(teacher), teacher, _data(), config, out_dir=tmp_path, progress=False)
-    monkeypatch.setattr(trainer, "distill_loss", real)
+    restore()
     state = torch.load(tmp_path / STATE_FILE, weights_only=False)
     assert "teacher" in state["done"] and state["teacher"] is not None
     resumed = ghostify.distill(

@@ -156,6 +156,12 @@ class DistillConfig:
             raise ConfigError(f"--clip-grad must be > 0 (got {self.clip_grad}).")
 
     @property
+    def adapts_teacher(self) -> bool:
+        """Whether a teacher-adaptation phase runs (its steps, or else its epochs, above 0)."""
+        budget = self.teacher_steps if self.teacher_steps is not None else self.teacher_epochs
+        return budget > 0
+
+    @property
     def peak_lr(self) -> float:
         if self.lr is not None:
             return self.lr

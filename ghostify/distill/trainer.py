@@ -258,7 +258,7 @@ class _Run:
             "done": list(self.done),
             "steps": dict(self.steps),
             "model": self.student.state_dict(),
-            "teacher": self.teacher.state_dict() if self.total_steps("teacher") > 0 else None,
+            "teacher": self.teacher.state_dict() if self.config.adapts_teacher else None,
             "optimizer": optimizer.state_dict() if optimizer is not None else None,
             "scheduler": scheduler.state_dict() if scheduler is not None else None,
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
@@ -484,14 +484,6 @@ def _unwrap(student: nn.Module | ConversionResult) -> tuple[nn.Module, Conversio
     return student, None
 
 
-def _check_labelled(data: DistillData) -> None:
-    if is_unlabelled(data.train):
-        raise ConfigError(
-            "--teacher-epochs adapts the teacher with the training labels, and this training data has "
-            "none (no class subfolders); use --teacher-epochs 0 or labelled data."
-        )
-
-
 def _check_data(data: DistillData, config: DistillConfig, world: World) -> None:
     n = len(data.train.dataset)  # type: ignore[arg-type]
     per_rank = math.ceil(n / world.world_size)
@@ -499,6 +491,11 @@ def _check_data(data: DistillData, config: DistillConfig, world: World) -> None:
         raise DataError(
             f"batch size {config.batch_size} is larger than the {per_rank} training images per process; "
             f"use --batch-size {per_rank} or fewer."
+        )
+    if config.adapts_teacher and is_unlabelled(data.train):
+        raise ConfigError(
+            "--teacher-epochs adapts the teacher with the training labels, and this training data has "
+            "none (no class subfolders); use --teacher-epochs 0 or labelled data."
         )
 
 
@@ -543,10 +540,7 @@ def distill(
     model.to(world.device)
     teacher.to(world.device).eval()  # only ever run under no_grad: its own flags stay as they are
     _check_data(data, config, world)
-    teacher_budget = config.teacher_steps if config.teacher_steps is not None else config.teacher_epochs
-    adapt_teacher = teacher_budget > 0
-    if adapt_teacher:  # before _Run: its blocks must pair the student's sites with the copy's modules
-        _check_labelled(data)
+    if config.adapts_teacher:  # before _Run: its blocks must pair the student's sites with the copy's
         teacher = copy.deepcopy(teacher).requires_grad_(True)  # the user's teacher stays as given
     out = Path(out_dir) if out_dir is not None else None
     if out is not None and world.is_main:
@@ -576,7 +570,7 @@ def distill(
         run.evaluate("teacher", teacher, "converted", 0)
         run.evaluate("converted", model, "converted", 0)
     if "teacher" not in run.done:
-        if adapt_teacher:
+        if config.adapts_teacher:
             run.train("teacher", state)
             run.evaluate("teacher-adapted", teacher, "teacher", run.steps["teacher"])
             run.checkpoint("teacher", run.steps["teacher"])
