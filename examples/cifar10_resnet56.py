@@ -206,7 +206,7 @@ def markdown(results: list[dict], args: argparse.Namespace) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    if args.teacher_epochs + args.blockwise > args.epochs:
+    if args.teacher_epochs + args.blockwise >= args.epochs:
         raise SystemExit(
             f"--teacher-epochs {args.teacher_epochs:g} + --blockwise {args.blockwise:g} leave nothing of the "
             f"--epochs {args.epochs:g} budget for end-to-end distillation; lower them or raise --epochs."
