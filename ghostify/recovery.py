@@ -21,7 +21,7 @@ from ghostify.atomic import atomic_write_text
 from ghostify.data import build_eval_loader, build_train_loader, check_num_classes, find_split
 from ghostify.distill.config import DistillConfig
 from ghostify.distill.distributed import World
-from ghostify.distill.trainer import DistillData, DistillResult, distill
+from ghostify.distill.trainer import DistillData, DistillResult, check_data, distill
 from ghostify.errors import DataError
 from ghostify.io import RECIPE_FILE, Recipe
 from ghostify.modes import eval_mode
@@ -59,7 +59,8 @@ def open_data(
 ) -> tuple[DistillData, list[str]]:
     """Training loader from `root/train` (or `root` itself), validation from `root/val` or `root/test`.
 
-    Returns the data and notes for the user (e.g. that no accuracy can be reported).
+    Returns the data and notes for the user (e.g. that no accuracy can be reported). Data the run cannot
+    use is refused here, before anything is converted or written.
     """
     root = Path(root).expanduser()
     if not root.is_dir():
@@ -93,7 +94,9 @@ def open_data(
         val = build_eval_loader(val_dir, limit=config.limit_val, **common)
         if classes is not None:
             check_num_classes(val, classes)
-    return DistillData(train, val), notes
+    data = DistillData(train, val)
+    check_data(data, config, world)
+    return data, notes
 
 
 def recipe_entry(config: DistillConfig, outcome: DistillResult, data_dir: str | Path) -> dict[str, Any]:

@@ -127,6 +127,20 @@ def test_no_val_split_distils_without_accuracy(capsys, tmp_path, spec):
     assert json.loads((tmp_path / "out" / "report.json").read_text())["accuracy"] == {}
 
 
+def test_unlabelled_data_with_teacher_adaptation_fails_before_converting(capsys, tmp_path, spec):
+    root = tmp_path / "data" / "train"
+    root.mkdir(parents=True)
+    for i in range(8):
+        Image.new("RGB", (32, 32), (10 * i, 50, 90)).save(root / f"{i}.jpg")
+    out = tmp_path / "out"
+    code, _, stderr = run(
+        capsys, spec, "--num-classes", 2, "--data", root.parent, "--out", out, "--teacher-steps", 1, *FAST
+    )
+    assert code == 1 and "Traceback" not in stderr
+    assert "--teacher-epochs 0 or labelled data" in " ".join(stderr.split())
+    assert not out.exists()  # refused before the conversion was written
+
+
 def test_distill_refuses_a_model_converted_without_weights(capsys, tmp_path, spec, data):
     out = tmp_path / "out"
     run(capsys, spec, "--num-classes", 2, "--weights", "none", "--out", out, "--no-latency")

@@ -484,7 +484,8 @@ def _unwrap(student: nn.Module | ConversionResult) -> tuple[nn.Module, Conversio
     return student, None
 
 
-def _check_data(data: DistillData, config: DistillConfig, world: World) -> None:
+def check_data(data: DistillData, config: DistillConfig, world: World) -> None:
+    """Refuse data this run cannot use (batch larger than a process's share, labels the run needs)."""
     n = len(data.train.dataset)  # type: ignore[arg-type]
     per_rank = math.ceil(n / world.world_size)
     if config.batch_size > per_rank:
@@ -539,7 +540,7 @@ def distill(
     model, result = _unwrap(student)
     model.to(world.device)
     teacher.to(world.device).eval()  # only ever run under no_grad: its own flags stay as they are
-    _check_data(data, config, world)
+    check_data(data, config, world)
     if config.adapts_teacher:  # before _Run: its blocks must pair the student's sites with the copy's
         teacher = copy.deepcopy(teacher).requires_grad_(True)  # the user's teacher stays as given
     out = Path(out_dir) if out_dir is not None else None
