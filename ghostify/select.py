@@ -517,9 +517,11 @@ class _Selection:
         stage, the fastest of original, G-Ghost, the stage with its kept C-Ghost convs, and G-Ghost with
         its kept inner C-Ghost convs ("both"); convs outside stages keep their own decisions."""
         convs = self.convs(self.model)
-        g_forms = self._g_ghost_forms()
+        g_forms, g_model = self._g_ghost_forms()
         g_stages = {name: "g-ghost" for name, form in g_forms.items() if form is not None}
-        inner = self.convs(self._converted("g-ghost", g_stages), within=list(g_stages)) if g_stages else []
+        if g_stages and g_model is None:  # some stage had no G-Ghost form: a model with the others
+            g_model = self._converted("g-ghost", g_stages)
+        inner = self.convs(g_model, within=list(g_stages)) if g_stages else []
         kept_convs = {d.name: "c-ghost" for d in convs if d.choice == "c-ghost"}
         kept_inner = {d.name: "c-ghost" for d in inner if d.choice == "c-ghost"}
         c_model = both_model = None  # built on first use: the model with every kept conv, per kind
@@ -556,8 +558,9 @@ class _Selection:
     def _converted(self, mode: str, decided: dict[str, str]) -> nn.Module:
         return convert_sites(self.model, self._plain(mode, decided), self.example).model
 
-    def _g_ghost_forms(self) -> dict[str, nn.Module | None]:
-        """Eligible stage -> its G-Ghost form, or None where G-Ghost cannot restructure it (noted)."""
+    def _g_ghost_forms(self) -> tuple[dict[str, nn.Module | None], nn.Module | None]:
+        """Eligible stage -> its G-Ghost form, or None where G-Ghost cannot restructure it (noted); and
+        the model with every stage converted, when they all converted together (else None)."""
         cfg = self.config
         infos = find_stages(self.model, self.example)
         missing = [n for n in cfg.stages or [] if n not in {s.name for s in infos}]
@@ -571,12 +574,12 @@ class _Selection:
             if s.eligible and (cfg.stages is None or s.name in cfg.stages) and cfg.selects(s.name, False)
         ]
         if not names:
-            return {}
+            return {}, None
         try:
             candidate = convert_sites(
                 self.model, dataclasses.replace(self._plain("g-ghost"), stages=names), self.example
             )
-            return {n: candidate.model.get_submodule(n) for n in names}
+            return {n: candidate.model.get_submodule(n) for n in names}, candidate.model
         except (ConversionError, ConfigError):
             pass
         forms: dict[str, nn.Module | None] = {}
@@ -589,7 +592,7 @@ class _Selection:
             except (ConversionError, ConfigError) as err:
                 forms[name] = None
                 self.notes.append(f"auto: stage {name} has no G-Ghost form ({err})")
-        return forms
+        return forms, None
 
     def run(self) -> list[SiteDecision]:
         mode = self.config.mode

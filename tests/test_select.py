@@ -234,6 +234,23 @@ def test_auto_chooses_per_stage(monkeypatch, case) -> None:
     assert _shapes(again.model) == _shapes(result.model)
 
 
+def test_auto_builds_the_g_ghost_model_once(monkeypatch) -> None:
+    timer = FakeTimer({("stage2", k): t for k, t in AUTO_CASES["g-ghost fastest"][0].items()})
+    monkeypatch.setattr(select, "time_modules", timer)
+    built = []
+
+    def counting(model, cfg, example):
+        result = convert_sites(model, cfg, example)
+        if cfg.mode == "g-ghost":
+            built.append(sorted(s.name for s in result.sites))
+        return result
+
+    convert_sites = select.convert_sites
+    monkeypatch.setattr(select, "convert_sites", counting)
+    convert_model(_resnet(), ConvertConfig(mode="auto"), _example(2), measure=NO_CACHE)
+    assert built == [["stage2"]]  # the stage forms and the model searched for inner convs are one
+
+
 def test_choose_and_verdict() -> None:
     assert verdict(1.0, 1.0, 1.05) == (False, "reverted: 1.00x < --min-speedup 1.05")
     times = {"original": 10.0, "g-ghost": 5.02, "c-ghost": 5.0}  # within 1%: the smaller change wins
