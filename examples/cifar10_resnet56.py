@@ -72,6 +72,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--temperature", type=float, default=d.temperature, help="KL softening, every row")
     p.add_argument("--kd-weight", type=float, default=d.kd_weight, help="KL weight, every row")
     p.add_argument("--ce-weight", type=float, default=d.ce_weight, help="CE weight, every row")
+    p.add_argument(
+        "--feature-weight", type=float, default=d.feature_weight,
+        help="ghost rows: weight of the feature MSE at the converted sites (0 = off)",
+    )  # fmt: skip
     p.add_argument("--lr", type=float, default=None, help="peak lr of every row [default: the library's]")
     p.add_argument("--optimizer", default=d.optimizer, help="sgd or adamw, every row")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads [default: torch's]")
@@ -157,6 +161,7 @@ def run_row(row: str, args: argparse.Namespace, data: DistillData, teacher: nn.M
             calib_batches=args.calib_batches,
             teacher_epochs=adapt,
             epochs=budget - adapt - args.blockwise,
+            feature_weight=args.feature_weight,
             **common,
         )
         outcome = ghostify.distill(result, teacher, data, config, progress=not args.quiet)
