@@ -45,9 +45,11 @@ import cifar_resnet  # noqa: E402  (this file's neighbours)
 
 import ghostify  # noqa: E402
 from ghostify.analysis import count_macs, count_params  # noqa: E402
+from ghostify.atomic import atomic_write_text  # noqa: E402
 from ghostify.config import ConvertConfig  # noqa: E402
 from ghostify.data import build_eval_loader, build_train_loader, extract_archive  # noqa: E402
 from ghostify.distill import DistillConfig, DistillData  # noqa: E402
+from ghostify.errors import GhostifyError  # noqa: E402
 from ghostify.evaluate import evaluate  # noqa: E402
 from ghostify.rewrite import convert_model  # noqa: E402
 
@@ -220,6 +222,14 @@ def main(argv: list[str] | None = None) -> None:
     unknown = sorted(set(rows) - set(ROWS))
     if unknown:
         raise SystemExit(f"unknown rows {', '.join(unknown)}; choose from {', '.join(ROWS)}")
+    try:  # the options every row shares, checked by the library before any data is read
+        DistillConfig(
+            lr=args.lr, optimizer=args.optimizer, temperature=args.temperature, kd_weight=args.kd_weight,
+            ce_weight=args.ce_weight, feature_weight=args.feature_weight, calib_batches=args.calib_batches,
+            blockwise_lr=args.blockwise_lr, blockwise_inputs=args.blockwise_inputs,
+        )  # fmt: skip
+    except GhostifyError as err:
+        raise SystemExit(f"error: {err}") from None
     torch.manual_seed(0)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -232,8 +242,8 @@ def main(argv: list[str] | None = None) -> None:
         figures = run_row(row, args, data, teacher, macs)
         macs[row] = figures["macs"]
         results.append(figures)
-        args.json.write_text(json.dumps({"args": vars(args) | {"shared": str(args.shared)}, "rows": results},
-                                        indent=2, default=str))  # fmt: skip
+        atomic_write_text(args.json, json.dumps({"args": vars(args) | {"shared": str(args.shared)},
+                                                 "rows": results}, indent=2, default=str))  # fmt: skip
         print(json.dumps(figures), flush=True)
     print(markdown(results, args))
 

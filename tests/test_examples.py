@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -31,3 +32,24 @@ def test_cifar10_example_writes_every_stage_of_a_ghost_row(tmp_path) -> None:
     assert rows["c-ghost"]["steps"] == {"teacher": 1, "blockwise": 1, "end-to-end": 1}
     assert rows["c-ghost"]["macs"] < 0.55 * rows["teacher"]["macs"]
     assert "| c-ghost |" in done.stdout  # the Markdown table at the end
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--feature-weight", "-1"], "error: loss weights .* must be >= 0"),
+        (["--optimizer", "lion"], "error: optimizer must be one of sgd, adamw"),
+        (["--teacher-epochs", "1", "--epochs", "1"], "leave nothing of the --epochs 1 budget"),
+    ],
+)
+def test_cifar10_example_refuses_bad_options_in_one_line_before_reading_data(tmp_path, args, message) -> None:
+    out = tmp_path / "rows.json"
+    done = subprocess.run(
+        [sys.executable, str(REPO / "examples" / "cifar10_resnet56.py"), "--rows", "c-ghost",
+         "--work", str(tmp_path / "cifar"), "--json", str(out), *args],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1
+    assert re.search(message, done.stderr), done.stderr
+    assert not out.exists() and not (tmp_path / "cifar").exists()  # nothing unpacked, nothing written
