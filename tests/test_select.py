@@ -237,7 +237,7 @@ def test_auto_chooses_per_stage(monkeypatch, case) -> None:
 def test_auto_builds_the_g_ghost_model_once(monkeypatch) -> None:
     timer = FakeTimer({("stage2", k): t for k, t in AUTO_CASES["g-ghost fastest"][0].items()})
     monkeypatch.setattr(select, "time_modules", timer)
-    built = []
+    built, convert_sites = [], select.convert_sites
 
     def counting(model, cfg, example):
         result = convert_sites(model, cfg, example)
@@ -245,7 +245,6 @@ def test_auto_builds_the_g_ghost_model_once(monkeypatch) -> None:
             built.append(sorted(s.name for s in result.sites))
         return result
 
-    convert_sites = select.convert_sites
     monkeypatch.setattr(select, "convert_sites", counting)
     convert_model(_resnet(), ConvertConfig(mode="auto"), _example(2), measure=NO_CACHE)
     assert built == [["stage2"]]  # the stage forms and the model searched for inner convs are one
