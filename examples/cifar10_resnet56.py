@@ -18,6 +18,10 @@ budget (`--epochs` passes over the training images, batch 128, SGD + warm-up/cos
 - torch-pruning: the peer, Torch-Pruning (L2 group magnitude) on the blocks' inner channels pruned to
   C-Ghost's MACs (option-A shortcuts block pruning the residual width), same budget and losses.
 
+`--include` / `--exclude` (regexes on module names) limit the ghost rows to some convs (`--include 'conv2$'`:
+only the blocks' second convs); `--fit-images N` adds every row's top-1 on N training images with the
+test-time transform, which tells a student that cannot fit its data from one that does not generalise.
+
 Results go to `--json` after every row (a crash keeps the finished rows) and a Markdown table at the end.
 """
 
@@ -78,6 +82,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--feature-weight", type=float, default=d.feature_weight,
         help="ghost rows: weight of the feature MSE at the converted sites (0 = off)",
     )  # fmt: skip
+    p.add_argument("--include", default=None, help="ghost rows: convert only modules matching this regex")
+    p.add_argument("--exclude", default=None, help="ghost rows: leave modules matching this regex alone")
+    p.add_argument(
+        "--fit-images", type=int, default=0,
+        help="also score every row on this many training images (test-time transform): fit vs generalisation",
+    )  # fmt: skip
     p.add_argument("--lr", type=float, default=None, help="peak lr of every row [default: the library's]")
     p.add_argument("--optimizer", default=d.optimizer, help="sgd or adamw, every row")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads [default: torch's]")
@@ -107,6 +117,14 @@ def load_data(args: argparse.Namespace) -> DistillData:
     return DistillData(train, val)
 
 
+def fit_loader(args: argparse.Namespace):
+    """A fixed subset of the training images with the test-time transform: how well a row fits its data."""
+    common = dict(input_size=cifar_resnet.input_size, mean=cifar_resnet.MEAN, std=cifar_resnet.STD)
+    return build_eval_loader(
+        args.work / "train", limit=args.fit_images, batch_size=args.batch_size, workers=args.workers, **common
+    )
+
+
 def teacher_model(args: argparse.Namespace) -> nn.Module:
     model = cifar_resnet.resnet56()
     cifar_resnet.load_checkpoint(model, args.shared / "data" / "pretrained" / "resnet56-4bfd9763.th")
@@ -130,6 +148,16 @@ def size(model: nn.Module) -> dict[str, int]:
 
 def run_row(row: str, args: argparse.Namespace, data: DistillData, teacher: nn.Module, macs: dict) -> dict:
     """Train one row and return its figures (top-1 per stage, size, wall time)."""
+    figures = train_row(row, args, data, teacher, macs)
+    if args.fit_images:
+        student = figures.pop("model")
+        figures["train_top1"] = evaluate(student, fit_loader(args), progress=not args.quiet).top1
+    figures.pop("model", None)
+    return figures
+
+
+def train_row(row: str, args: argparse.Namespace, data: DistillData, teacher: nn.Module, macs: dict) -> dict:
+    """The row's figures and, under "model", the network they describe."""
     start = time.perf_counter()
     budget = args.epochs
     example = torch.randn(2, *cifar_resnet.input_size, generator=torch.Generator().manual_seed(0))
@@ -148,6 +176,7 @@ def run_row(row: str, args: argparse.Namespace, data: DistillData, teacher: nn.M
             **size(teacher),
             "top1": {"as-is": acc.top1},
             "seconds": time.perf_counter() - start,
+            "model": teacher,
         }
     if row == "teacher-ft":
         ce_only = {**e2e_only.to_dict(), "kd_weight": 0.0, "ce_weight": 1.0}
@@ -155,7 +184,8 @@ def run_row(row: str, args: argparse.Namespace, data: DistillData, teacher: nn.M
         student, config = copy.deepcopy(teacher), DistillConfig(**ce_only)
         outcome = ghostify.distill(student, teacher, data, config, progress=not args.quiet)
     elif row in ("c-ghost", "g-ghost"):
-        result = convert_model(teacher, ConvertConfig(mode=row, ratio=2), example_inputs=example)
+        where = dict(include=args.include, exclude=args.exclude)
+        result = convert_model(teacher, ConvertConfig(mode=row, ratio=2, **where), example_inputs=example)
         config = DistillConfig(
             blockwise_epochs=args.blockwise,
             blockwise_lr=args.blockwise_lr,
@@ -191,23 +221,28 @@ def run_row(row: str, args: argparse.Namespace, data: DistillData, teacher: nn.M
         "top1": top1,
         "steps": outcome.steps,
         "seconds": time.perf_counter() - start,
+        "model": outcome.model,
     }
 
 
 def markdown(results: list[dict], args: argparse.Namespace) -> str:
     stages = ("as-is", "teacher", "converted", "calibrated", "blockwise", "distilled")
+    fit = ["train top-1"] if args.fit_images else []
     lines = [
-        f"| row | MACs | params | {' | '.join(stages)} | wall time |",
-        "| --- | ---: | ---: |" + " ---: |" * len(stages) + " ---: |",
+        f"| row | MACs | params | {' | '.join([*stages, *fit])} | wall time |",
+        "| --- | ---: | ---: |" + " ---: |" * (len(stages) + len(fit)) + " ---: |",
     ]
     for r in results:
         cells = [f"{r['top1'][s]:.2f}%" if s in r["top1"] else "" for s in stages]
+        cells += [f"{r['train_top1']:.2f}%"] if fit else []
         lines.append(
             f"| {r['row']} | {r['macs'] / 1e6:.1f}M | {r['params'] / 1e3:.0f}K | {' | '.join(cells)} "
             f"| {r['seconds'] / 60:.1f} min |"
         )
     images = "all" if args.limit_val is None else f"{args.limit_val}"
     lines.append(f"\n_top-1 on {images} CIFAR-10 test images; budget {args.epochs:g} epochs per row_")
+    if fit:
+        lines.append(f"_train top-1: {args.fit_images} fixed training images, test-time transform_")
     return "\n".join(lines)
 
 
@@ -218,6 +253,8 @@ def main(argv: list[str] | None = None) -> None:
             f"--teacher-epochs {args.teacher_epochs:g} + --blockwise {args.blockwise:g} leave nothing of the "
             f"--epochs {args.epochs:g} budget for end-to-end distillation; lower them or raise --epochs."
         )
+    if args.fit_images < 0:
+        raise SystemExit(f"--fit-images must be >= 0 (got {args.fit_images}); 0 skips that score.")
     rows = [r.strip() for r in args.rows.split(",") if r.strip()]
     unknown = sorted(set(rows) - set(ROWS))
     if unknown:
@@ -228,6 +265,7 @@ def main(argv: list[str] | None = None) -> None:
             ce_weight=args.ce_weight, feature_weight=args.feature_weight, calib_batches=args.calib_batches,
             blockwise_lr=args.blockwise_lr, blockwise_inputs=args.blockwise_inputs,
         )  # fmt: skip
+        ConvertConfig(include=args.include, exclude=args.exclude)
     except GhostifyError as err:
         raise SystemExit(f"error: {err}") from None
     torch.manual_seed(0)
