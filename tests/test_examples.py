@@ -14,42 +14,43 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO / ".." / "shared"
 
 
-@pytest.mark.skipif(
+needs_data = pytest.mark.skipif(
     not (SHARED / "data" / "cifar10-jpeg" / "train.tar.gz").is_file(), reason="needs ../shared/data"
 )
-def test_cifar10_example_writes_every_stage_of_a_ghost_row(tmp_path) -> None:
+
+
+def _run_rows(tmp_path: Path, *args: str) -> tuple[dict, str]:
+    """Run the example on a slice of the real data; its rows by name and its stdout."""
     out = tmp_path / "rows.json"
-    args = ["--rows", "teacher,c-ghost", "--limit-train", "512", "--limit-val", "256", "--epochs", "0.75",
-            "--teacher-epochs", "0.25", "--blockwise", "0.25", "--workers", "0", "--fit-images", "128",
-            "--work", str(tmp_path / "cifar"), "--json", str(out), "--quiet"]  # fmt: skip
     done = subprocess.run(
-        [sys.executable, str(REPO / "examples" / "cifar10_resnet56.py"), *args],
+        [sys.executable, str(REPO / "examples" / "cifar10_resnet56.py"), *args, "--workers", "0",
+         "--work", str(tmp_path / "cifar"), "--json", str(out), "--quiet"],
         capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
-    rows = {r["row"]: r for r in json.loads(out.read_text())["rows"]}
+    return {r["row"]: r for r in json.loads(out.read_text())["rows"]}, done.stdout
+
+
+@needs_data
+def test_cifar10_example_writes_every_stage_of_a_ghost_row(tmp_path) -> None:
+    rows, stdout = _run_rows(
+        tmp_path, "--rows", "teacher,c-ghost", "--limit-train", "512", "--limit-val", "256",
+        "--epochs", "0.75", "--teacher-epochs", "0.25", "--blockwise", "0.25", "--fit-images", "128",
+    )  # fmt: skip
     assert set(rows["c-ghost"]["top1"]) == {"teacher", "converted", "calibrated", "blockwise", "distilled"}
     assert rows["c-ghost"]["steps"] == {"teacher": 1, "blockwise": 1, "end-to-end": 1}
     assert rows["c-ghost"]["macs"] < 0.55 * rows["teacher"]["macs"]
-    assert "| c-ghost |" in done.stdout  # the Markdown table at the end
+    assert "| c-ghost |" in stdout  # the Markdown table at the end
     assert 0 <= rows["c-ghost"]["train_top1"] <= 100 and rows["teacher"]["train_top1"] > 50
-    assert "train top-1" in done.stdout
+    assert "train top-1" in stdout
 
 
-@pytest.mark.skipif(
-    not (SHARED / "data" / "cifar10-jpeg" / "train.tar.gz").is_file(), reason="needs ../shared/data"
-)
+@needs_data
 def test_cifar10_example_include_converts_only_the_matching_convs(tmp_path) -> None:
-    out = tmp_path / "rows.json"
-    args = ["--rows", "teacher,c-ghost", "--include", r"conv2$", "--limit-train", "256", "--limit-val", "64",
-            "--epochs", "0.5", "--teacher-epochs", "0", "--calib-batches", "1", "--batch-size", "128",
-            "--workers", "0", "--work", str(tmp_path / "cifar"), "--json", str(out), "--quiet"]  # fmt: skip
-    done = subprocess.run(
-        [sys.executable, str(REPO / "examples" / "cifar10_resnet56.py"), *args],
-        capture_output=True, text=True, timeout=900,
+    rows, _ = _run_rows(
+        tmp_path, "--rows", "teacher,c-ghost", "--include", r"conv2$", "--limit-train", "256", "--limit-val",
+        "64", "--epochs", "0.5", "--teacher-epochs", "0", "--calib-batches", "1",
     )  # fmt: skip
-    assert done.returncode == 0, done.stderr[-2000:]
-    rows = {r["row"]: r for r in json.loads(out.read_text())["rows"]}
     # the blocks' second convs hold about half of ResNet-56's MACs; converting them at s=2 saves half of that
     assert 0.7 < rows["c-ghost"]["macs"] / rows["teacher"]["macs"] < 0.8
 
