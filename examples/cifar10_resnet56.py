@@ -36,6 +36,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.utils.data import DataLoader
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_SHARED = REPO_ROOT / ".." / "shared"
@@ -100,7 +101,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def load_data(args: argparse.Namespace) -> DistillData:
+def load_data(args: argparse.Namespace) -> tuple[DistillData, DataLoader | None]:
+    """Training and test loaders, and (with `--fit-images`) a fixed subset of the training images with the
+    test-time transform, to score how well each row fits its data."""
     archives = args.shared / "data" / "cifar10-jpeg"
     root = args.work
     for split in ("train", "test"):
@@ -114,15 +117,8 @@ def load_data(args: argparse.Namespace) -> DistillData:
     )
     train = build_train_loader(root / "train", limit=args.limit_train, **common)
     val = build_eval_loader(root / "test", limit=args.limit_val, **common)
-    return DistillData(train, val)
-
-
-def fit_loader(args: argparse.Namespace):
-    """A fixed subset of the training images with the test-time transform: how well a row fits its data."""
-    common = dict(input_size=cifar_resnet.input_size, mean=cifar_resnet.MEAN, std=cifar_resnet.STD)
-    return build_eval_loader(
-        args.work / "train", limit=args.fit_images, batch_size=args.batch_size, workers=args.workers, **common
-    )
+    fit = build_eval_loader(root / "train", limit=args.fit_images, **common) if args.fit_images else None
+    return DistillData(train, val), fit
 
 
 def teacher_model(args: argparse.Namespace) -> nn.Module:
@@ -146,13 +142,19 @@ def size(model: nn.Module) -> dict[str, int]:
     return {"macs": count_macs(model, example)[0], "params": count_params(model)}
 
 
-def run_row(row: str, args: argparse.Namespace, data: DistillData, teacher: nn.Module, macs: dict) -> dict:
-    """Train one row and return its figures (top-1 per stage, size, wall time)."""
+def run_row(
+    row: str,
+    args: argparse.Namespace,
+    data: DistillData,
+    fit: DataLoader | None,
+    teacher: nn.Module,
+    macs: dict,
+) -> dict:
+    """Train one row and return its figures (top-1 per stage, size, wall time, top-1 on `fit` if given)."""
     figures = train_row(row, args, data, teacher, macs)
-    if args.fit_images:
-        student = figures.pop("model")
-        figures["train_top1"] = evaluate(student, fit_loader(args), progress=not args.quiet).top1
-    figures.pop("model", None)
+    student = figures.pop("model")
+    if fit is not None:
+        figures["train_top1"] = evaluate(student, fit, progress=not args.quiet).top1
     return figures
 
 
@@ -271,13 +273,13 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(0)
     if args.threads:
         torch.set_num_threads(args.threads)
-    data = load_data(args)
+    data, fit = load_data(args)
     teacher = teacher_model(args)
     results: list[dict] = []
     macs: dict[str, int] = {}
     for row in rows:
         print(f"== {row}", flush=True)
-        figures = run_row(row, args, data, teacher, macs)
+        figures = run_row(row, args, data, fit, teacher, macs)
         macs[row] = figures["macs"]
         results.append(figures)
         atomic_write_text(args.json, json.dumps({"args": vars(args) | {"shared": str(args.shared)},
