@@ -20,6 +20,7 @@ import copy
 import datetime
 import os
 import platform
+import re
 import shutil
 import sys
 import tempfile
@@ -56,6 +57,19 @@ parser.add_argument(
 )
 parser.add_argument("--no-peer", action="store_true", help="skip the Torch-Pruning peer")
 parser.add_argument(
+    "--peer-include",
+    default=None,
+    help="regex on module names: the peer prunes only the output channels of the matching convs (every "
+    "other layer is ignored); for models whose residual width Torch-Pruning cannot follow, e.g. the CIFAR "
+    "ResNets' option-A shortcuts: --peer-include 'layer\\d\\.\\d+\\.conv1$'",
+)
+parser.add_argument(
+    "--peer-round-to",
+    type=int,
+    default=8,
+    help="the peer keeps channel counts a multiple of this (Torch-Pruning's round_to; 1 = no rounding)",
+)
+parser.add_argument(
     "--form",
     default="deploy",
     choices=["deploy", "eager"],
@@ -65,6 +79,13 @@ parser.add_argument(
 parser.add_argument("--onnx", action="store_true", help="also time every variant in ONNX Runtime")
 parser.add_argument("--markdown", action="store_true", help="print Markdown tables (for the README)")
 args = parser.parse_args()
+if args.peer_round_to < 1:
+    parser.error(f"--peer-round-to must be >= 1 (got {args.peer_round_to})")
+if args.peer_include is not None:
+    try:
+        re.compile(args.peer_include)
+    except re.error as err:
+        parser.error(f"--peer-include is not a valid regex ({err})")
 
 models_arg = ALL_MODELS if args.models == "all" else args.models
 model_names = [m.strip() for m in models_arg.split(",") if m.strip()]
@@ -167,6 +188,18 @@ def final_classifier(model: nn.Module) -> list[nn.Module]:
     return convs[-1:]
 
 
+def peer_ignored(model: nn.Module, include: str | None) -> list[nn.Module]:
+    """Layers the peer leaves alone: the classifier and, with `include`, every conv/linear not matching."""
+    ignored = final_classifier(model)
+    if include is not None:
+        ignored += [
+            m
+            for name, m in model.named_modules()
+            if isinstance(m, (nn.Conv2d, nn.Linear)) and not re.search(include, name) and m not in ignored
+        ]
+    return ignored
+
+
 def prune_to_macs(model: nn.Module, example: torch.Tensor, target: int, steps: int = 14, tol: float = 0.005):
     """Torch-Pruning with one uniform ratio, bisected on measured MACs until they match `target`.
 
@@ -182,8 +215,8 @@ def prune_to_macs(model: nn.Module, example: torch.Tensor, target: int, steps: i
             importance=tp.importance.GroupMagnitudeImportance(p=2),
             pruning_ratio=ratio,
             global_pruning=False,
-            ignored_layers=final_classifier(pruned),
-            round_to=8,
+            ignored_layers=peer_ignored(pruned, args.peer_include),  # from the copy: TP matches by identity
+            round_to=args.peer_round_to if args.peer_round_to > 1 else None,
         )
         pruner.step()
         return pruned, count_macs(pruned, example)[0]
@@ -199,7 +232,7 @@ def prune_to_macs(model: nn.Module, example: torch.Tensor, target: int, steps: i
         if abs(macs - target) <= tol * target:
             break
         lo, hi = (ratio, hi) if macs > target else (lo, ratio)
-        if hi - lo < 1e-3:  # round_to=8 makes MACs a step function of the ratio: no closer match exists
+        if hi - lo < 1e-3:  # whole (rounded) channel counts make MACs a step function of the ratio
             break
         ratio = (lo + hi) / 2
     return best
@@ -318,15 +351,25 @@ for name in model_names:
         variants[PEER] = peer_missing
     elif not isinstance(variants.get("C-Ghost"), nn.Module):
         variants[PEER] = "no C-Ghost result to match"
+    elif args.peer_include is not None and not any(
+        isinstance(m, nn.Conv2d) and re.search(args.peer_include, n) for n, m in original.named_modules()
+    ):
+        variants[PEER] = f"--peer-include '{args.peer_include}' matches no conv of this model"
     else:
         progress(f"{name}: Torch-Pruning to C-Ghost's MACs")
+        peer_scope = (
+            f"only the output channels of convs matching '{args.peer_include}'"
+            if args.peer_include is not None
+            else "every layer"
+        )
         target = count_macs(variants["C-Ghost"], example)[0]
         try:
             pruned, ratio, macs = prune_to_macs(original, example, target)
             variants[PEER] = pruned.eval()
             notes.append(
-                f"{PEER}: MetaPruner, GroupMagnitudeImportance(p=2), round_to=8, final classifier kept, "
-                f"uniform pruning_ratio={ratio:.4f} (bisected; round_to makes MACs a step function of it): "
+                f"{PEER}: MetaPruner, GroupMagnitudeImportance(p=2), round_to={args.peer_round_to}, "
+                f"final classifier kept, {peer_scope}, "
+                f"uniform pruning_ratio={ratio:.4f} (bisected; MACs step with whole channels): "
                 f"{macs / 1e9:.3f} GMACs vs C-Ghost {target / 1e9:.3f} ({(macs - target) / target:+.1%})"
             )
         except Exception as err:
