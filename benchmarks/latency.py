@@ -2,10 +2,10 @@
 
 For each model it builds the variants, counts MACs and parameters, and times every variant of one model
 interleaved in one `ghostify.analysis.compare_latency` call per (runtime, batch size), so that machine
-noise hits them all alike. The peer is Torch-Pruning (L2 group magnitude, channels rounded to 8, uniform
-per-layer ratio, final classifier left alone), pruned by bisection on its ratio until its MACs match
-ghostify's C-Ghost result. Latency and MACs do not depend on weight values, so models start from random
-weights (no download).
+noise hits them all alike. The peer is Torch-Pruning (L2 group magnitude, channels rounded to 8 by default,
+uniform per-layer ratio, final classifier left alone; `--peer-include` limits it to some convs' output
+channels), pruned by bisection on its ratio until its MACs match ghostify's C-Ghost result. Latency and
+MACs do not depend on weight values, so models start from random weights (no download).
 
     python benchmarks/latency.py --models resnet50 --batch-sizes 1,16
     python benchmarks/latency.py --models resnet50,mobilenet_v2 --onnx --markdown
@@ -189,13 +189,14 @@ def final_classifier(model: nn.Module) -> list[nn.Module]:
 
 
 def peer_ignored(model: nn.Module, include: str | None) -> list[nn.Module]:
-    """Layers the peer leaves alone: the classifier and, with `include`, every conv/linear not matching."""
+    """Layers the peer leaves alone: the classifier and, with `include`, every linear and unmatched conv."""
     ignored = final_classifier(model)
     if include is not None:
         ignored += [
             m
             for name, m in model.named_modules()
-            if isinstance(m, (nn.Conv2d, nn.Linear)) and not re.search(include, name) and m not in ignored
+            if (isinstance(m, nn.Linear) or (isinstance(m, nn.Conv2d) and not re.search(include, name)))
+            and m not in ignored
         ]
     return ignored
 

@@ -36,11 +36,7 @@ def test_bad_peer_options_get_one_line_error(args, message) -> None:
 def test_peer_include_prunes_only_the_inner_channels_of_a_cifar_resnet() -> None:
     common = ["--models", "examples/cifar_resnet.py:resnet20", "--input-size", "32", "--batch-sizes", "1"]
     common += ["--repeats", "1", "--warmup", "0", "--peer-round-to", "1", "--markdown"]
-    # Pruning every layer breaks the option-A shortcuts (their zero padding keeps the old width) ...
-    whole = _bench(*common)
-    assert whole.returncode == 0, whole.stderr[-2000:]
-    assert "| Torch-Pruning | n/a" in whole.stdout
-    # ... pruning only the blocks' inner channels works, to about C-Ghost's MACs.
+    # Only the blocks' inner channels: the option-A shortcuts' zero padding keeps the residual width fixed.
     inner = _bench(*common, "--peer-include", r"layer\d\.\d+\.conv1$")
     assert inner.returncode == 0, inner.stderr[-2000:]
     row = next(line for line in inner.stdout.splitlines() if line.startswith("| Torch-Pruning |"))
