@@ -11,6 +11,12 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "latency.py"
+# one timed round of the small CIFAR ResNet-20: the tests read MACs and text, never latency
+QUICK = ["--models", "examples/cifar_resnet.py:resnet20", "--input-size", "32", "--batch-sizes", "1"]
+QUICK += ["--repeats", "1", "--warmup", "0", "--markdown"]
+needs_torch_pruning = pytest.mark.skipif(
+    importlib.util.find_spec("torch_pruning") is None, reason="needs torch-pruning (the dev or bench extra)"
+)
 
 
 def _bench(*args: str) -> subprocess.CompletedProcess:
@@ -27,17 +33,15 @@ def _bench(*args: str) -> subprocess.CompletedProcess:
     ],
 )
 def test_bad_peer_options_get_one_line_error(args, message) -> None:
-    done = _bench("--models", "examples/cifar_resnet.py:resnet20", *args)
+    done = _bench(*QUICK, *args)
     assert done.returncode == 2
     assert message in done.stderr and "Traceback" not in done.stderr
 
 
-@pytest.mark.skipif(importlib.util.find_spec("torch_pruning") is None, reason="needs the bench extra")
+@needs_torch_pruning
 def test_peer_include_prunes_only_the_inner_channels_of_a_cifar_resnet() -> None:
-    common = ["--models", "examples/cifar_resnet.py:resnet20", "--input-size", "32", "--batch-sizes", "1"]
-    common += ["--repeats", "1", "--warmup", "0", "--peer-round-to", "1", "--markdown"]
     # Only the blocks' inner channels: the option-A shortcuts' zero padding keeps the residual width fixed.
-    inner = _bench(*common, "--peer-include", r"layer\d\.\d+\.conv1$")
+    inner = _bench(*QUICK, "--peer-round-to", "1", "--peer-include", r"layer\d\.\d+\.conv1$")
     assert inner.returncode == 0, inner.stderr[-2000:]
     row = next(line for line in inner.stdout.splitlines() if line.startswith("| Torch-Pruning |"))
     assert "n/a" not in row
@@ -46,12 +50,9 @@ def test_peer_include_prunes_only_the_inner_channels_of_a_cifar_resnet() -> None
     assert 1.8 < peer_macs_x < 2.0
 
 
-@pytest.mark.skipif(importlib.util.find_spec("torch_pruning") is None, reason="needs the bench extra")
+@needs_torch_pruning
 def test_peer_include_matching_no_conv_says_so_in_the_peer_row() -> None:
-    done = _bench(
-        "--models", "examples/cifar_resnet.py:resnet20", "--input-size", "32", "--batch-sizes", "1",
-        "--repeats", "1", "--warmup", "0", "--markdown", "--peer-include", "no_such_layer$",
-    )  # fmt: skip
+    done = _bench(*QUICK, "--peer-include", "no_such_layer$")
     assert done.returncode == 0, done.stderr[-2000:]
     row = "| Torch-Pruning | n/a (--peer-include 'no_such_layer$' matches no conv of this model)"
     assert row in done.stdout
