@@ -16,7 +16,8 @@ budget (`--epochs` passes over the training images, batch 128, SGD + warm-up/cos
   student) and the rest of the budget end-to-end distillation (KL on softened logits + cross-entropy);
 - c-ghost-scratch: the same C-Ghost architecture from random weights, same budget and losses;
 - torch-pruning: the peer, Torch-Pruning (L2 group magnitude) on the blocks' inner channels pruned to
-  C-Ghost's MACs (option-A shortcuts block pruning the residual width), same budget and losses.
+  C-Ghost's MACs (option-A shortcuts block pruning the residual width), same budget and losses;
+- torch-pruning-g: the same peer pruned to G-Ghost's (fewer) MACs, the row to put beside g-ghost.
 
 `--include` / `--exclude` (regexes on module names) limit the ghost rows to some convs (`--include 'conv2$'`:
 only the blocks' second convs); `--fit-images N` adds every row's top-1 on N training images with the
@@ -58,7 +59,8 @@ from ghostify.errors import GhostifyError  # noqa: E402
 from ghostify.evaluate import evaluate  # noqa: E402
 from ghostify.rewrite import convert_model  # noqa: E402
 
-ROWS = ("teacher", "teacher-ft", "c-ghost", "c-ghost-scratch", "torch-pruning", "g-ghost")
+ROWS = ("teacher", "teacher-ft", "c-ghost", "c-ghost-scratch", "torch-pruning", "g-ghost", "torch-pruning-g")
+PEER_MACS_OF = {"torch-pruning": "c-ghost", "torch-pruning-g": "g-ghost"}  # peer row -> ghost row it matches
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -204,12 +206,17 @@ def train_row(row: str, args: argparse.Namespace, data: DistillData, teacher: nn
         result = convert_model(teacher, ConvertConfig(mode="c-ghost", ratio=2, weight_init="random"))
         student = reinitialise(result.model)
         outcome = ghostify.distill(student, teacher, data, e2e_only, progress=not args.quiet)
-    elif row == "torch-pruning":
+    elif row in PEER_MACS_OF:
         try:
             from cifar_pruning import prune_inner_channels  # needs torch-pruning: the bench extra
         except ImportError as err:
-            raise SystemExit(f"the torch-pruning row needs {err.name}: pip install -e '.[bench]'") from None
-        target = macs.get("c-ghost") or size(convert_model(teacher, ConvertConfig(ratio=2)).model)["macs"]
+            raise SystemExit(f"the {row} row needs {err.name}: pip install -e '.[bench]'") from None
+        ghost = PEER_MACS_OF[row]
+        if ghost not in macs:
+            macs[ghost] = size(
+                convert_model(teacher, ConvertConfig(mode=ghost, ratio=2), example_inputs=example).model
+            )["macs"]
+        target = macs[ghost]
         student, _ratio = prune_inner_channels(teacher, example[:1], target)
         outcome = ghostify.distill(student, teacher, data, e2e_only, progress=not args.quiet)
     else:

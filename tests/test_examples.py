@@ -55,6 +55,23 @@ def test_cifar10_example_include_converts_only_the_matching_convs(tmp_path) -> N
     assert 0.7 < rows["c-ghost"]["macs"] / rows["teacher"]["macs"] < 0.8
 
 
+@needs_data
+def test_cifar10_example_peer_rows_match_each_ghost_forms_macs(tmp_path) -> None:
+    pytest.importorskip("torch_pruning")
+    rows, stdout = _run_rows(
+        tmp_path, "--rows", "g-ghost,torch-pruning,torch-pruning-g", "--limit-train", "256", "--limit-val",
+        "64", "--epochs", "0.5", "--teacher-epochs", "0", "--calib-batches", "1",
+    )  # fmt: skip
+    g_ghost, peer_c, peer_g = (
+        rows["g-ghost"]["macs"],
+        rows["torch-pruning"]["macs"],
+        rows["torch-pruning-g"]["macs"],
+    )
+    assert abs(peer_g - g_ghost) < 0.03 * g_ghost  # pruned to G-Ghost's MACs, not C-Ghost's
+    assert peer_g < 0.85 * peer_c
+    assert "| torch-pruning-g |" in stdout
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
