@@ -4,8 +4,9 @@ For each model it builds the variants, counts MACs and parameters, and times eve
 interleaved in one `ghostify.analysis.compare_latency` call per (runtime, batch size), so that machine
 noise hits them all alike. The peer is Torch-Pruning (L2 group magnitude, channels rounded to 8 by default,
 uniform per-layer ratio, final classifier left alone; `--peer-include` limits it to some convs' output
-channels), pruned by bisection on its ratio until its MACs match ghostify's C-Ghost result. Latency and
-MACs do not depend on weight values, so models start from random weights (no download).
+channels), pruned by bisection on its ratio until its MACs match ghostify's C-Ghost result (`--peer-at`:
+one peer per ghost variant named, each at that variant's MACs). Latency and MACs do not depend on weight
+values, so models start from random weights (no download).
 
     python benchmarks/latency.py --models resnet50 --batch-sizes 1,16
     python benchmarks/latency.py --models resnet50,mobilenet_v2 --onnx --markdown
@@ -70,6 +71,11 @@ parser.add_argument(
     help="the peer keeps channel counts a multiple of this (Torch-Pruning's round_to; 1 = no rounding)",
 )
 parser.add_argument(
+    "--peer-at",
+    default="c-ghost",
+    help=f"comma-separated ghost modes ({', '.join(MODES)}): one peer per mode, at that variant's MACs",
+)
+parser.add_argument(
     "--form",
     default="deploy",
     choices=["deploy", "eager"],
@@ -87,6 +93,10 @@ if args.peer_include is not None:
     except re.error as err:
         parser.error(f"--peer-include is not a valid regex ({err})")
 
+peer_modes = [m.strip() for m in args.peer_at.split(",") if m.strip()]
+if not peer_modes or any(m not in MODES for m in peer_modes):
+    parser.error(f"--peer-at takes ghost modes from {', '.join(MODES)} (got {args.peer_at!r})")
+
 models_arg = ALL_MODELS if args.models == "all" else args.models
 model_names = [m.strip() for m in models_arg.split(",") if m.strip()]
 batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
@@ -97,6 +107,12 @@ warnings.filterwarnings("ignore")  # exporter / tracer chatter; failures are rep
 # ghost variants: every mode ghostify knows; "auto" times its sites here, on this machine
 GHOST_VARIANTS = {mode: {"c-ghost": "C-Ghost", "g-ghost": "G-Ghost"}.get(mode, mode) for mode in MODES}
 PEER = "Torch-Pruning"
+
+
+def peer_label(mode: str) -> str:
+    """The row of the peer pruned to the MACs of `mode`'s variant."""
+    return f"{PEER} (= {GHOST_VARIANTS[mode]} MACs)"
+
 
 # ----------------------------------------------------------------------------------------- progress line
 
@@ -346,35 +362,36 @@ for name in model_names:
             variants[label] = one_line(err)
         progress(f"{name}: {label} done in {time.perf_counter() - t0:.0f}s")
 
-    if args.no_peer:
-        pass
-    elif peer_missing:
-        variants[PEER] = peer_missing
-    elif not isinstance(variants.get("C-Ghost"), nn.Module):
-        variants[PEER] = "no C-Ghost result to match"
-    elif args.peer_include is not None and not any(
+    matched_convs = args.peer_include is None or any(
         isinstance(m, nn.Conv2d) and re.search(args.peer_include, n) for n, m in original.named_modules()
-    ):
-        variants[PEER] = f"--peer-include '{args.peer_include}' matches no conv of this model"
-    else:
-        progress(f"{name}: Torch-Pruning to C-Ghost's MACs")
-        peer_scope = (
-            f"only the output channels of convs matching '{args.peer_include}'"
-            if args.peer_include is not None
-            else "every layer"
-        )
-        target = count_macs(variants["C-Ghost"], example)[0]
-        try:
-            pruned, ratio, macs = prune_to_macs(original, example, target)
-            variants[PEER] = pruned.eval()
-            notes.append(
-                f"{PEER}: MetaPruner, GroupMagnitudeImportance(p=2), round_to={args.peer_round_to}, "
-                f"final classifier kept, {peer_scope}, "
-                f"uniform pruning_ratio={ratio:.4f} (bisected; MACs step with whole channels): "
-                f"{macs / 1e9:.3f} GMACs vs C-Ghost {target / 1e9:.3f} ({(macs - target) / target:+.1%})"
-            )
-        except Exception as err:
-            variants[PEER] = one_line(err)
+    )
+    peer_scope = (
+        f"only the output channels of convs matching '{args.peer_include}'"
+        if args.peer_include is not None
+        else "every layer"
+    )
+    for mode in [] if args.no_peer else peer_modes:
+        label, ghost = peer_label(mode), GHOST_VARIANTS[mode]
+        if peer_missing:
+            variants[label] = peer_missing
+        elif not isinstance(variants.get(ghost), nn.Module):
+            variants[label] = f"no {ghost} result to match"
+        elif not matched_convs:
+            variants[label] = f"--peer-include '{args.peer_include}' matches no conv of this model"
+        else:
+            progress(f"{name}: Torch-Pruning to {ghost}'s MACs")
+            target = count_macs(variants[ghost], example)[0]
+            try:
+                pruned, ratio, macs = prune_to_macs(original, example, target)
+                variants[label] = pruned.eval()
+                notes.append(
+                    f"{label}: MetaPruner, GroupMagnitudeImportance(p=2), round_to={args.peer_round_to}, "
+                    f"final classifier kept, {peer_scope}, "
+                    f"uniform pruning_ratio={ratio:.4f} (bisected; MACs step with whole channels): "
+                    f"{macs / 1e9:.3f} GMACs vs {ghost} {target / 1e9:.3f} ({(macs - target) / target:+.1%})"
+                )
+            except Exception as err:
+                variants[label] = one_line(err)
 
     models = {k: v for k, v in variants.items() if isinstance(v, nn.Module)}
     static = {k: (count_macs(m, example)[0], count_params(m)) for k, m in models.items()}
