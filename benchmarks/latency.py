@@ -42,7 +42,15 @@ ALL_MODELS = "resnet18,resnet50,resnet101,vgg16_bn,mobilenet_v2,regnet_x_3_2gf,e
 
 # ----------------------------------------------------------------------------------------- options
 
-parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+class OneLineErrors(argparse.ArgumentParser):
+    """Bad options: one line saying what is wrong (argparse would print the long usage first)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (--help lists the options)\n")
+
+
+parser = OneLineErrors(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--models", default="resnet50", help=f"comma-separated model specs; 'all' = {ALL_MODELS}")
 parser.add_argument("--batch-sizes", default="1,16", help="comma-separated batch sizes to time")
 parser.add_argument("--input-size", type=int, default=224, help="input height = width")
@@ -56,7 +64,7 @@ parser.add_argument(
     choices=["fit", "random"],
     help="ghostify's weight inheritance; it can change the layout (fit may permute Ghost outputs)",
 )
-parser.add_argument("--no-peer", action="store_true", help="skip the Torch-Pruning peer")
+parser.add_argument("--no-peer", action="store_true", help="skip the Torch-Pruning peers")
 parser.add_argument(
     "--peer-include",
     default=None,
@@ -72,8 +80,9 @@ parser.add_argument(
 )
 parser.add_argument(
     "--peer-at",
-    default="c-ghost",
-    help=f"comma-separated ghost modes ({', '.join(MODES)}): one peer per mode, at that variant's MACs",
+    default=None,
+    help=f"comma-separated ghost modes ({', '.join(MODES)}): one peer per mode, at that variant's MACs "
+    "[default: c-ghost]",
 )
 parser.add_argument(
     "--form",
@@ -93,13 +102,20 @@ if args.peer_include is not None:
     except re.error as err:
         parser.error(f"--peer-include is not a valid regex ({err})")
 
-peer_modes = [m.strip() for m in args.peer_at.split(",") if m.strip()]
+if args.peer_at is not None and args.no_peer:
+    parser.error("--peer-at and --no-peer exclude each other: drop one")
+peer_modes = list(dict.fromkeys(m.strip() for m in (args.peer_at or "c-ghost").split(",") if m.strip()))
 if not peer_modes or any(m not in MODES for m in peer_modes):
     parser.error(f"--peer-at takes ghost modes from {', '.join(MODES)} (got {args.peer_at!r})")
+try:
+    batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+except ValueError:
+    batch_sizes = []
+if not batch_sizes or min(batch_sizes) < 1:
+    parser.error(f"--batch-sizes takes comma-separated positive integers (got {args.batch_sizes!r})")
 
 models_arg = ALL_MODELS if args.models == "all" else args.models
 model_names = [m.strip() for m in models_arg.split(",") if m.strip()]
-batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
 torch.set_num_threads(args.threads)
 torch.manual_seed(0)
 warnings.filterwarnings("ignore")  # exporter / tracer chatter; failures are reported per variant below
@@ -409,9 +425,9 @@ for name in model_names:
     if "onnxruntime" in runtimes:
         sessions: dict[str, nn.Module] = {}
         tmp = tempfile.mkdtemp(prefix="ghostify-bench-")  # removed after this model's timings
-        for label, model in models.items():
+        for i, (label, model) in enumerate(models.items()):
             progress(f"{name}: exporting {label} to ONNX")
-            path = os.path.join(tmp, f"{label}.onnx")
+            path = os.path.join(tmp, f"variant{i}.onnx")  # not the label: it may hold spaces and brackets
             try:
                 export_onnx(model, example, path)
                 session = OrtModel(path, args.threads)

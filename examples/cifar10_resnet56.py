@@ -20,8 +20,9 @@ budget (`--epochs` passes over the training images, batch 128, SGD + warm-up/cos
 - torch-pruning-g: the same peer pruned to G-Ghost's (fewer) MACs, the row to put beside g-ghost.
 
 `--include` / `--exclude` (regexes on module names) limit the ghost rows to some convs (`--include 'conv2$'`:
-only the blocks' second convs); `--fit-images N` adds every row's top-1 on N training images with the
-test-time transform, which tells a student that cannot fit its data from one that does not generalise.
+only the blocks' second convs), and the peer rows then match the MACs of that limited conversion;
+`--fit-images N` adds every row's top-1 on N training images with the test-time transform, which tells a
+student that cannot fit its data from one that does not generalise.
 
 Results go to `--json` after every row (a crash keeps the finished rows) and a Markdown table at the end.
 """
@@ -139,6 +140,11 @@ def reinitialise(model: nn.Module) -> nn.Module:
     return model
 
 
+def ghost_config(mode: str, args: argparse.Namespace, **extra) -> ConvertConfig:
+    """The conversion of the ghost rows, and of the MACs their peer rows are pruned to."""
+    return ConvertConfig(mode=mode, ratio=2, include=args.include, exclude=args.exclude, **extra)
+
+
 def size(model: nn.Module) -> dict[str, int]:
     example = torch.zeros(1, *cifar_resnet.input_size)
     return {"macs": count_macs(model, example)[0], "params": count_params(model)}
@@ -188,8 +194,7 @@ def train_row(row: str, args: argparse.Namespace, data: DistillData, teacher: nn
         student, config = copy.deepcopy(teacher), DistillConfig(**ce_only)
         outcome = ghostify.distill(student, teacher, data, config, progress=not args.quiet)
     elif row in ("c-ghost", "g-ghost"):
-        where = dict(include=args.include, exclude=args.exclude)
-        result = convert_model(teacher, ConvertConfig(mode=row, ratio=2, **where), example_inputs=example)
+        result = convert_model(teacher, ghost_config(row, args), example_inputs=example)
         config = DistillConfig(
             blockwise_epochs=args.blockwise,
             blockwise_lr=args.blockwise_lr,
@@ -203,7 +208,7 @@ def train_row(row: str, args: argparse.Namespace, data: DistillData, teacher: nn
         outcome = ghostify.distill(result, teacher, data, config, progress=not args.quiet)
         student = result.model
     elif row == "c-ghost-scratch":
-        result = convert_model(teacher, ConvertConfig(mode="c-ghost", ratio=2, weight_init="random"))
+        result = convert_model(teacher, ghost_config("c-ghost", args, weight_init="random"))
         student = reinitialise(result.model)
         outcome = ghostify.distill(student, teacher, data, e2e_only, progress=not args.quiet)
     elif row in PEER_MACS_OF:
@@ -212,10 +217,11 @@ def train_row(row: str, args: argparse.Namespace, data: DistillData, teacher: nn
         except ImportError as err:
             raise SystemExit(f"the {row} row needs {err.name}: pip install -e '.[bench]'") from None
         ghost = PEER_MACS_OF[row]
-        if ghost not in macs:
-            macs[ghost] = size(
-                convert_model(teacher, ConvertConfig(mode=ghost, ratio=2), example_inputs=example).model
-            )["macs"]
+        if ghost not in macs:  # MACs do not depend on the weights: skip fitting them
+            converted = convert_model(
+                teacher, ghost_config(ghost, args, weight_init="random"), example_inputs=example
+            )
+            macs[ghost] = size(converted.model)["macs"]
         target = macs[ghost]
         student, _ratio = prune_inner_channels(teacher, example[:1], target)
         outcome = ghostify.distill(student, teacher, data, e2e_only, progress=not args.quiet)
