@@ -60,7 +60,8 @@ def test_peer_include_prunes_only_the_inner_channels_of_a_cifar_resnet() -> None
 def test_peer_include_matching_no_conv_says_so_in_the_peer_row() -> None:
     done = _bench(*QUICK, "--peer-include", "no_such_layer$")
     assert done.returncode == 0, done.stderr[-2000:]
-    row = "| Torch-Pruning (= C-Ghost MACs) | n/a (--peer-include 'no_such_layer$' matches no conv"
+    row = "| Torch-Pruning (= C-Ghost MACs) | n/a (--peer-include 'no_such_layer$' "
+    row += "matches no conv of this model)"
     assert row in done.stdout
 
 
